@@ -1,0 +1,1 @@
+"""Diffusers pipelines that sample with the memoryless SDE and carry the LoRA control drift."""

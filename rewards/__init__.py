@@ -1,0 +1,1 @@
+"""Reward protocol, registry and built-in rewards."""

@@ -1,0 +1,243 @@
+"""Tiny-model kit: offline, seeded, sub-second diffusers pipelines for tests, benchmarks and smoke runs.
+
+Every builder returns a real diffusers object with the real architecture classes, only small. The
+CLIP tokenizer is the real one (49,408-entry vocabulary), built from open_clip's bundled BPE file, so
+prompts tokenize exactly as they would with a hub tokenizer (see `clip_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+import tempfile
+
+import torch
+
+# Shared sizes. Text encoders: hidden 32; SD/SDXL latents 4×16×16 → images 32×32 (VAE downsamples ×2).
+TEXT_HIDDEN = 32
+LATENT_SIZE = 16
+IMAGE_SIZE = 32
+
+
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer_files() -> str:
+    """Write vocab.json + merges.txt of the CLIP BPE tokenizer (from open_clip's bundled file); return the folder."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe()) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # the slice open_clip uses
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = os.path.join(tempfile.gettempdir(), f"sb_finetune_clip_tokenizer_{os.getpid()}")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
+def clip_tokenizer():
+    """The real CLIP tokenizer, offline.
+
+    Padding convention: HF pads with <|endoftext|> (49407) to 77 tokens, as SD's hub tokenizer does;
+    open_clip pads with 0. The two agree on every position where `attention_mask == 1`, i.e.
+    `ids.masked_fill(attention_mask == 0, 0) == open_clip.tokenize(text)`. `model_max_length=77` is
+    required: without it diffusers overflows computing the max length.
+    """
+    from transformers import CLIPTokenizer
+
+    folder = clip_tokenizer_files()
+    return CLIPTokenizer(
+        os.path.join(folder, "vocab.json"),
+        os.path.join(folder, "merges.txt"),
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+
+
+def _text_encoder(seed: int, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=TEXT_HIDDEN,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def tiny_vae(seed: int = 0, latent_channels: int = 4, flow: bool = False):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    extra = dict(shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False) if flow else {}
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        sample_size=IMAGE_SIZE,
+        norm_num_groups=32,
+        **extra,
+    ).eval()
+
+
+def tiny_unet(seed: int = 0, sdxl: bool = False):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    extra = {}
+    if sdxl:  # SDXL: text_time added conditioning; cross-attention on both encoders' hidden states
+        extra = dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * 8,
+            use_linear_projection=True,
+        )
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * TEXT_HIDDEN if sdxl else TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        **extra,
+    ).eval()
+
+
+def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", prediction_type: str = "epsilon"):
+    """A tiny Stable Diffusion 1.x pipeline (32×32 images). scheduler: 'ddim' or 'ddpm'."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed + 1),
+        text_encoder=_text_encoder(seed + 2, projection=False),
+        tokenizer=clip_tokenizer(),
+        unet=tiny_unet(seed),
+        scheduler=vp_scheduler(scheduler, prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim"):
+    """A tiny SDXL pipeline: two CLIP text encoders (the second with projection), text_time conditioning."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed + 1),
+        text_encoder=_text_encoder(seed + 2, projection=False),
+        text_encoder_2=_text_encoder(seed + 3, projection=True),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=tiny_unet(seed, sdxl=True),
+        scheduler=vp_scheduler(scheduler),
+        add_watermarker=False,
+    )
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=2 * TEXT_HIDDEN,  # CLIP-L ⊕ CLIP-G hidden states (T5 left out: zeros of this width)
+        pooled_projection_dim=2 * TEXT_HIDDEN,
+        pos_embed_max_size=LATENT_SIZE,
+    ).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0):
+    """A tiny SD3 pipeline (flow matching). The T5 encoder is left out, as diffusers allows."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=tiny_vae(seed + 1, flow=True),
+        text_encoder=_text_encoder(seed + 2, projection=True),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_text_encoder(seed + 3, projection=True),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def tiny_unet2d(seed: int = 0, sample_size: int = LATENT_SIZE, channels: int = 3):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+    ).eval()
+
+
+def tiny_ddpm_pipeline(seed: int = 0):
+    """A tiny unconditional UNet2DModel + DDPMScheduler pipeline (16×16 RGB)."""
+    from diffusers import DDPMPipeline
+
+    return DDPMPipeline(unet=tiny_unet2d(seed), scheduler=vp_scheduler("ddpm"))
+
+
+def vp_scheduler(kind: str = "ddim", prediction_type: str = "epsilon"):
+    """The SD 1.x scheduler configuration (scaled-linear betas), as DDIM or DDPM."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    common = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type=prediction_type,
+    )
+    if kind == "ddim":
+        return DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1)
+    if kind == "ddpm":
+        return DDPMScheduler(**common, variance_type="fixed_small")
+    raise ValueError(f"vp_scheduler: kind must be 'ddim' or 'ddpm', got {kind!r}")
+
+
+TINY_PIPELINES = {
+    "sd": tiny_sd_pipeline,
+    "sdxl": tiny_sdxl_pipeline,
+    "sd3": tiny_sd3_pipeline,
+    "ddpm": tiny_ddpm_pipeline,
+}
