@@ -1,0 +1,106 @@
+"""A Gaussian mixture: a *perfect* pretrained model with a closed-form noised prediction at every t.
+
+For an interpolant x = a·x0 + b·ε (VP: a = sqrt(ᾱ), b = sqrt(1−ᾱ); flow: a = 1−σ, b = σ), component k
+of the noised data is N(a m_k, C_k) with C_k = a² S_k + b² I, and
+
+    E[x0 | x, k] = m_k + a S_k C_k⁻¹ (x − a m_k),     E[ε | x, k] = b C_k⁻¹ (x − a m_k),
+
+mixed by the responsibilities r_k(x) ∝ w_k N(x; a m_k, C_k). With a linear reward R(x) = aᵀx the base
+tilted by exp(R/alpha) is again a mixture: N(m_k + S_k a/alpha, S_k) with weight
+∝ w_k exp(aᵀm_k/alpha + aᵀS_k a/(2 alpha²)), and the optimal objective is −alpha · log Z.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .rollout import Denoiser
+
+
+@dataclass(frozen=True)
+class GaussianMixture:
+    weights: Tensor  # [K], sums to 1
+    means: Tensor  # [K, d]
+    covs: Tensor  # [K, d, d]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def _tilt_exponents(self, a: Tensor, alpha: float) -> Tensor:
+        a = a.to(self.means)
+        return self.means @ a / alpha + torch.einsum("i,kij,j->k", a, self.covs, a) / (2 * alpha**2)
+
+    def tilted(self, a: Tensor, alpha: float) -> GaussianMixture:
+        """p(x) exp(aᵀx / alpha) / Z."""
+        logits = self.weights.log() + self._tilt_exponents(a, alpha)
+        means = self.means + torch.einsum("kij,j->ki", self.covs, a.to(self.means)) / alpha
+        return GaussianMixture(torch.softmax(logits, 0), means, self.covs)
+
+    def log_z(self, a: Tensor, alpha: float) -> float:
+        """log E_p[exp(aᵀx / alpha)]."""
+        return float(torch.logsumexp(self.weights.log() + self._tilt_exponents(a, alpha), 0))
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
+        return self.means[k] + torch.einsum("nij,nj->ni", torch.linalg.cholesky(self.covs)[k], z)
+
+    def posterior(self, x: Tensor, a: float, b: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(E[x0|x], E[ε|x], responsibilities [n, K]) for x = a·x0 + b·ε, in float64."""
+        x = x.double()
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        cov = a**2 * self.covs.double() + b**2 * eye  # C_k
+        diff = x[:, None, :] - a * self.means.double()[None]  # [n, K, d]
+        sol = torch.linalg.solve(cov[None], diff.unsqueeze(-1)).squeeze(-1)  # C_k⁻¹ (x − a m_k)
+        log_det = torch.logdet(cov)
+        log_r = self.weights.double().log() - 0.5 * (log_det + (diff * sol).sum(-1))
+        r = torch.softmax(log_r, dim=1)
+        x0 = self.means.double()[None] + a * torch.einsum("kij,nkj->nki", self.covs.double(), sol)
+        return (r[..., None] * x0).sum(1), (r[..., None] * (b * sol)).sum(1), r
+
+    def responsibilities(self, x: Tensor) -> Tensor:
+        return self.posterior(x, 1.0, 0.0)[2]
+
+    def fit_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(weights, means) of samples x under this mixture's components (soft assignment)."""
+        r = self.responsibilities(x)
+        weights = r.mean(0)
+        means = (r.T @ x.double()) / r.sum(0)[:, None]
+        return weights, means
+
+    def vp_denoiser(self, alphas_cumprod: Tensor, prediction_type: str = "epsilon") -> Denoiser:
+        """The exact ε̂ (or v̂, x̂0) of a VP model with these ᾱ (indexed by the integer timestep)."""
+
+        def predict(x: Tensor, t: Tensor) -> Tensor:
+            ab = float(alphas_cumprod[int(t)])
+            a, b = math.sqrt(ab), math.sqrt(1 - ab)
+            x0, eps, _ = self.posterior(x, a, b)
+            out = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - b * x0}[prediction_type]
+            return out.to(x.dtype)
+
+        return predict
+
+    def flow_denoiser(self, num_train_timesteps: int = 1000) -> Denoiser:
+        """The exact v̂ = E[ε − x0 | x] of a flow model, called with t = σ · num_train_timesteps."""
+
+        def predict(x: Tensor, t: Tensor) -> Tensor:
+            sigma = float(t) / num_train_timesteps
+            x0, eps, _ = self.posterior(x, 1 - sigma, sigma)
+            return (eps - x0).to(x.dtype)
+
+        return predict
+
+
+def three_blobs() -> GaussianMixture:
+    """The 2-D mixture of the tests and benchmarks: three well-separated, anisotropic components."""
+    covs = torch.tensor([[[0.30, 0.10], [0.10, 0.20]], [[0.20, -0.05], [-0.05, 0.25]], [[0.25, 0.0], [0.0, 0.15]]])
+    return GaussianMixture(
+        weights=torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64),
+        means=torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], dtype=torch.float64),
+        covs=covs.double(),
+    )

@@ -1,0 +1,130 @@
+"""The controlled rollout: sample with the control (policy) drift, score every step against the base.
+
+Model contract (one for every family): a `Denoiser` maps (x_k, t_k) to the model's own prediction
+(ε̂, v̂ or x̂0 as the schedule says), with conditioning and classifier-free guidance bound inside, so
+the guided prediction is the drift of both processes. `policy` is the adapted model, `base` the same
+module with the adapter disabled (see `sb_finetune.control.base_denoiser`).
+
+Gradient window: the last K *controlled* steps (std > 0; a deterministic last step is uncontrolled
+and rides along) keep the autograd graph; K is drawn once per rollout, fixed or uniform in
+[K_min, K_max]. The default, uniform in [1, N_controlled], gives every controlled step a positive
+chance to be inside it: a short fixed window is biased (DESIGN.md, "Truncation bias"). Steps before the window run
+without a graph. Inside it, the gradient flows through the state into both the policy and the base
+prediction (the base's weights are frozen, its input is not).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .sde import Schedule, step_kl, transition_mean
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+WindowSpec = int | tuple[int, int] | None
+
+
+@dataclass
+class Rollout:
+    x: Tensor  # final sample x_N, fp32
+    kl: Tensor  # [B, N] per-step KL to the base, nats; outside the window detached (see `kl_backward`)
+    window: int  # K: the last K controlled steps carried the graph
+    trajectory: list[Tensor] | None = None  # x_0 … x_N, detached, when asked for
+
+
+def draw_window(spec: WindowSpec, num_steps: int, generator: torch.Generator | None = None) -> int:
+    """K for one rollout: `None` → uniform in [1, N]; an int → fixed; (K_min, K_max) → uniform, inclusive.
+
+    N is the number of controlled steps; a K_max above it is clipped to it (so "the full chain" can be
+    said as a large number)."""
+    lo, hi = (1, num_steps) if spec is None else (spec, spec) if isinstance(spec, int) else spec
+    lo, hi = min(lo, num_steps), min(hi, num_steps)
+    if not 0 <= lo <= hi:
+        raise ValueError(f"gradient window {spec!r} must lie in [0, {num_steps}] with K_min <= K_max")
+    if lo == hi:
+        return lo
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(lo, hi + 1, (1,), generator=generator, device=device))
+
+
+def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """One transition x_k → x_{k+1} under the policy, and KL_k to the base at the same x_k."""
+    t = schedule.timesteps[k]
+    std = float(schedule.std[k])
+    mean_base = transition_mean(schedule, k, x, base(x, t))
+    if std == 0.0:  # deterministic step: the base's, uncontrolled, no KL
+        return mean_base, x.new_zeros(x.shape[0])
+    mean = transition_mean(schedule, k, x, policy(x, t))
+    return mean + std * z, step_kl(mean, mean_base, std)
+
+
+def _kl_only(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor) -> Tensor:
+    """KL_k with a graph to the policy's parameters only (x and the base are constants)."""
+    t, std = schedule.timesteps[k], float(schedule.std[k])
+    if std == 0.0:
+        return x.new_zeros(x.shape[0])
+    with torch.no_grad():
+        mean_base = transition_mean(schedule, k, x, base(x, t))
+    return step_kl(transition_mean(schedule, k, x, policy(x, t)), mean_base, std)
+
+
+def rollout(
+    policy: Denoiser,
+    base: Denoiser,
+    schedule: Schedule,
+    x: Tensor,
+    *,
+    window: WindowSpec = None,
+    generator: torch.Generator | None = None,
+    checkpoint: bool = False,
+    kl_backward: Callable[[Tensor], None] | None = None,
+    return_trajectory: bool = False,
+    on_step: Callable[[int, Tensor], Tensor | None] | None = None,
+) -> Rollout:
+    """Run the N-step controlled chain from the start noise `x`.
+
+    checkpoint: per-step activation checkpointing (non-reentrant) inside the window, so a long window
+        costs memory for the states only.
+    kl_backward: which KL terms carry gradient. None (default): only the window's, through the
+        state and the predictions. Given a function, each step before the window also gets its KL's
+        gradient with respect to the policy's parameters at once (x held fixed), by calling
+        `kl_backward(kl_k)` (e.g. `lambda kl: accelerator.backward(alpha * kl.mean())`), so memory stays
+        constant; the returned KL is then detached there, so the caller must not count it again.
+    on_step: called after every step with (k, x_{k+1}); may return a replacement state (pipelines'
+        `callback_on_step_end`).
+    """
+    n = schedule.num_steps
+    controlled = [k for k in range(n) if float(schedule.std[k]) > 0]
+    k_window = draw_window(window, len(controlled), generator)
+    start = controlled[-k_window] if k_window > 0 else n
+    x = x.float()
+    kls: list[Tensor] = []
+    trajectory = [x.detach()] if return_trajectory else None
+    for k in range(n):
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        step = functools.partial(_step, policy, base, schedule, k)
+        if k >= start:
+            x, kl = _checkpoint(step, x, z, use_reentrant=False) if checkpoint else step(x, z)
+        else:
+            if kl_backward is not None and float(schedule.std[k]) > 0:
+                kl_backward(_kl_only(policy, base, schedule, k, x.detach()))
+            with torch.no_grad():
+                x, kl = step(x.detach(), z)
+        kls.append(kl)
+        if on_step is not None:
+            replaced = on_step(k, x)
+            x = x if replaced is None else replaced
+        if trajectory is not None:
+            trajectory.append(x.detach())
+    return Rollout(x, torch.stack(kls, dim=1), k_window, trajectory)
+
+
+@torch.no_grad()
+def sample(denoiser: Denoiser, schedule: Schedule, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The uncontrolled sampler (policy = base): x_N from the start noise."""
+    return rollout(denoiser, denoiser, schedule, x, window=0, generator=generator).x

@@ -1,0 +1,182 @@
+"""Memoryless SDE samplers for VP (DDPM) and flow-matching models, as one-step transitions.
+
+A sampler is a `Schedule`: N steps k = 0..N-1 from noise to data, each a Gaussian transition
+
+    x_{k+1} = mean_k(x_k, pred_k) + std_k · z,    z ~ N(0, I)
+
+whose std depends on the schedule only. So the controlled and the base transition at the same state
+share std_k, and the per-step KL (nats, per sample) is  KL_k = ||μ_θ − μ_base||² / (2 std_k²).
+A step with std_k = 0 is deterministic: it is taken on the base prediction, uncontrolled, no KL term.
+
+All arithmetic is fp32 on the model's own prediction (ε̂, v̂ or x̂0), never through the score.
+Notation follows DESIGN.md: ᾱ (alpha_bar) for VP, σ (sigma) for flow with x_σ = (1−σ) x0 + σ ε.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+VPPrediction = Literal["epsilon", "v_prediction", "sample"]
+FlowMethod = Literal["posterior", "euler_maruyama"]
+
+
+@dataclass(frozen=True)
+class VPSchedule:
+    """DDIM(η) on a VP model. η = 1 is the DDPM posterior: memoryless. Grid points k = 0..N."""
+
+    timesteps: Tensor  # [N] model timesteps t_k, descending
+    alpha_bar: Tensor  # [N+1] ᾱ at t_k; alpha_bar[N] is the final ᾱ (1, or ᾱ_0 if set_alpha_to_one=False)
+    prediction_type: VPPrediction = "epsilon"
+    eta: float = 1.0
+    clip_sample: float | None = None  # clamp x̂0 to [-c, c] (diffusers' clip_sample_range), None = off
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @cached_property
+    def std(self) -> Tensor:
+        # σ_k² = η² (1−ᾱ_s)/(1−ᾱ_t) · (1 − ᾱ_t/ᾱ_s),  t = t_k, s = t_{k+1}
+        a_t, a_s = self.alpha_bar[:-1].double(), self.alpha_bar[1:].double()
+        var = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
+        return (self.eta * var.clamp_min(0).sqrt()).float()
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Flow matching (SD3/FLUX: x_σ = (1−σ) x0 + σ ε, the model predicts v = ε − x0). Grid σ_0 > … > σ_N = 0.
+
+    method "posterior": the exact Gaussian posterior step (DDIM-like, no singularity at σ = 1),
+        ρ² = η² σ_s² [1 − ((1−σ_t) σ_s / ((1−σ_s) σ_t))²];  η = 1 is memoryless. Its last step is
+        deterministic (σ_s = 0), hence uncontrolled.
+    method "euler_maruyama": dx = [−v̂ + (g²/2) s] dτ + g dW in τ = 1 − σ with g² = c · 2σ/(1−σ),
+        c = η² (so η means the same noise level for both methods; c = 1 is memoryless). A step that
+        starts at σ = 1, where g is singular, is taken as the posterior step instead.
+    """
+
+    timesteps: Tensor  # [N] model timesteps (σ_k · num_train_timesteps for diffusers' schedulers)
+    sigmas: Tensor  # [N+1], sigmas[N] = 0
+    eta: float = 1.0
+    method: FlowMethod = "posterior"
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @cached_property
+    def em_steps(self) -> Tensor:
+        """Which steps are Euler–Maruyama steps (the rest are posterior steps)."""
+        return torch.full((self.num_steps,), self.method == "euler_maruyama") & (self.sigmas[:-1] < 1 - 1e-6)
+
+    @cached_property
+    def std(self) -> Tensor:
+        s_t, s_s = self.sigmas[:-1].double(), self.sigmas[1:].double()
+        ratio = ((1 - s_t) * s_s / ((1 - s_s) * s_t)).nan_to_num(0.0)
+        rho = self.eta * (s_s**2 * (1 - ratio**2)).clamp_min(0).sqrt()
+        c, h = self.eta**2, s_t - s_s
+        em = (h * c * 2 * s_t / (1 - s_t).clamp_min(1e-12)).sqrt()
+        return torch.where(self.em_steps, em, rho).float()
+
+
+Schedule = VPSchedule | FlowSchedule
+
+
+def vp_split(x: Tensor, pred: Tensor, alpha_bar_t: float, prediction_type: VPPrediction) -> tuple[Tensor, Tensor]:
+    """(x̂0, ε̂) from the model output at x_t = sqrt(ᾱ) x0 + sqrt(1−ᾱ) ε."""
+    a, b = math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t)
+    if prediction_type == "epsilon":
+        return (x - b * pred) / a, pred
+    if prediction_type == "v_prediction":  # v = sqrt(ᾱ) ε − sqrt(1−ᾱ) x0
+        return a * x - b * pred, a * pred + b * x
+    if prediction_type == "sample":
+        return pred, (x - a * pred) / b
+    raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon, v_prediction or sample)")
+
+
+def vp_mean(schedule: VPSchedule, k: int, x: Tensor, pred: Tensor) -> Tensor:
+    """μ_k = sqrt(ᾱ_s) x̂0 + sqrt(1 − ᾱ_s − σ_k²) ε̂."""
+    a_t, a_s = float(schedule.alpha_bar[k]), float(schedule.alpha_bar[k + 1])
+    x0, eps = vp_split(x, pred, a_t, schedule.prediction_type)
+    if schedule.clip_sample is not None:  # as diffusers: clamp x̂0, then re-derive ε̂ from it
+        x0 = x0.clamp(-schedule.clip_sample, schedule.clip_sample)
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    var = float(schedule.std[k]) ** 2
+    return math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - var, 0.0)) * eps
+
+
+def flow_mean(schedule: FlowSchedule, k: int, x: Tensor, v: Tensor) -> Tensor:
+    s_t, s_s = float(schedule.sigmas[k]), float(schedule.sigmas[k + 1])
+    if bool(schedule.em_steps[k]):
+        # EM: x + h·b, b = −(1+c) v̂ − c x/(1−σ)   (the score term (g²/2)s with s = −(x + (1−σ)v̂)/σ)
+        c, h = schedule.eta**2, s_t - s_s
+        return x + h * (-(1 + c) * v - c * x / (1 - s_t))
+    # posterior: μ = (1−σ_s) x̂0 + sqrt(σ_s² − ρ²) ε̂ with x̂0 = x − σ_t v̂, ε̂ = x + (1−σ_t) v̂
+    rho2 = float(schedule.std[k]) ** 2
+    x0, eps = x - s_t * v, x + (1 - s_t) * v
+    return (1 - s_s) * x0 + math.sqrt(max(s_s**2 - rho2, 0.0)) * eps
+
+
+def transition_mean(schedule: Schedule, k: int, x: Tensor, pred: Tensor) -> Tensor:
+    """Mean of step k's Gaussian transition, in fp32, from the state and the model's own prediction."""
+    x, pred = x.float(), pred.float()
+    if isinstance(schedule, VPSchedule):
+        return vp_mean(schedule, k, x, pred)
+    return flow_mean(schedule, k, x, pred)
+
+
+def step_kl(mean_policy: Tensor, mean_base: Tensor, std: float) -> Tensor:
+    """KL(N(μ_θ, std²I) || N(μ_base, std²I)) per sample, in nats; 0 for a deterministic step."""
+    if std == 0.0:
+        return mean_policy.new_zeros(mean_policy.shape[0])
+    return (mean_policy - mean_base).pow(2).flatten(1).sum(1) / (2 * std**2)
+
+
+# --------------------------------------------------------------------------- schedules from diffusers
+
+
+def vp_schedule(scheduler, num_steps: int, eta: float = 1.0, timesteps: list[int] | None = None) -> VPSchedule:
+    """The VP schedule of a diffusers DDPM/DDIM-family scheduler (ᾱ and grid read from it).
+
+    Step k goes from t_k to t_{k+1} (the next timestep of the grid, so any subset works); the last step
+    goes to the scheduler's final ᾱ (1, or ᾱ_0 where a DDIM config has set_alpha_to_one=False).
+    """
+    config = scheduler.config
+    if timesteps is None:
+        scheduler.set_timesteps(num_steps)
+        timesteps = [int(t) for t in scheduler.timesteps]
+    ts = torch.tensor(timesteps, dtype=torch.long)
+    if len(ts) != num_steps or not bool((ts[:-1] > ts[1:]).all()):
+        raise ValueError(f"vp_schedule: need {num_steps} strictly descending timesteps, got {ts.tolist()}")
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    final = getattr(scheduler, "final_alpha_cumprod", None)
+    final = 1.0 if final is None else float(final)
+    alpha_bar = torch.cat([alphas_cumprod[ts], torch.tensor([final], dtype=torch.float64)])
+    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
+    return VPSchedule(ts, alpha_bar, config.get("prediction_type", "epsilon"), eta, clip)
+
+
+def flow_schedule(scheduler, num_steps: int, eta: float = 1.0, method: FlowMethod = "posterior", **set_timesteps_kwargs) -> FlowSchedule:
+    """The flow schedule of a diffusers FlowMatchEulerDiscreteScheduler (shifted sigmas as it makes them).
+
+    Pass `mu=` for dynamically shifted models (FLUX), as their pipelines do.
+    """
+    scheduler.set_timesteps(num_steps, **set_timesteps_kwargs)
+    sigmas = scheduler.sigmas.double().cpu()
+    if float(sigmas[-1]) != 0.0:
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    return FlowSchedule(scheduler.timesteps.float().cpu(), sigmas, eta, method)
+
+
+def make_schedule(scheduler, num_steps: int, eta: float = 1.0, flow_method: FlowMethod = "posterior", **kwargs) -> Schedule:
+    """VP or flow schedule, by the scheduler's kind."""
+    if hasattr(scheduler, "alphas_cumprod"):
+        return vp_schedule(scheduler, num_steps, eta)
+    if "FlowMatch" in type(scheduler).__name__:
+        return flow_schedule(scheduler, num_steps, eta, flow_method, **kwargs)
+    raise TypeError(f"{type(scheduler).__name__} is neither a VP (alphas_cumprod) nor a flow-matching scheduler")
