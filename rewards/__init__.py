@@ -1,1 +1,10 @@
-"""Reward protocol, registry and built-in rewards."""
+"""Rewards: one protocol, a registry third parties plug into, and built-ins.
+
+Protocol: `reward(images, prompts) -> Tensor[B]`, images a float tensor [B, 3, H, W] in [0, 1] (any H, W),
+prompts a list of B strings. A reward says whether gradients flow through it (`differentiable`).
+"""
+
+from .registry import Reward, WeightedSum, check_reward_output, list_rewards, load_reward, register_reward
+from . import simple  # noqa: F401  (registers the weight-free built-ins)
+
+__all__ = ["Reward", "WeightedSum", "check_reward_output", "list_rewards", "load_reward", "register_reward"]

@@ -104,3 +104,52 @@ def three_blobs() -> GaussianMixture:
         means=torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], dtype=torch.float64),
         covs=covs.double(),
     )
+
+
+class MLPControl(torch.nn.Module):
+    """A small control network for low-dimensional tests: policy(x, t) = base(x, t) + net(x, t/T).
+
+    The last layer starts at zero, so training starts from the base process (zero control)."""
+
+    def __init__(self, base: Denoiser, dim: int = 2, hidden: int = 64, t_scale: float = 1000.0):
+        super().__init__()
+        self.base, self.t_scale = base, t_scale
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(dim + 1, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, dim)
+        )
+        torch.nn.init.zeros_(self.net[-1].weight)
+        torch.nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        tt = torch.full((x.shape[0], 1), float(t) / self.t_scale, dtype=x.dtype, device=x.device)
+        return self.base(x, t) + self.net(torch.cat([x, tt], dim=1))
+
+
+def fit_control(
+    control: MLPControl,
+    schedule,
+    reward,
+    alpha: float,
+    *,
+    iterations: int,
+    batch: int,
+    lr: float = 3e-3,
+    window=None,
+    seed: int = 0,
+    dim: int = 2,
+) -> list[float]:
+    """Train `control` on the SOC objective with the engine's rollout; returns the objective per iteration."""
+    from .objective import soc_loss
+    from .rollout import rollout
+
+    opt = torch.optim.Adam(control.net.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(iterations):
+        out = rollout(control, control.base, schedule, torch.randn(batch, dim, generator=g), window=window, generator=g)
+        parts = soc_loss(reward(out.x), out.kl, alpha, out.window)
+        opt.zero_grad(set_to_none=True)
+        parts.loss.backward()
+        opt.step()
+        history.append(parts.objective)
+    return history

@@ -1,0 +1,124 @@
+"""The reward registry: a name, an import path "pkg.module:factory", or an entry point in `sb_finetune.rewards`."""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+ENTRY_POINT_GROUP = "sb_finetune.rewards"
+_REGISTRY: dict[str, Callable[..., "Reward"]] = {}
+
+
+class Reward(torch.nn.Module):
+    """Base class: subclass and implement `forward(images, prompts) -> [B]`; set `differentiable`."""
+
+    differentiable: bool = True
+    name: str = "reward"
+
+
+class _FunctionReward(Reward):
+    def __init__(self, fn: Callable[[Tensor, list[str]], Tensor], name: str, differentiable: bool):
+        super().__init__()
+        self.fn, self.name, self.differentiable = fn, name, differentiable
+
+    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+        return self.fn(images, prompts)
+
+
+def register_reward(name: str, differentiable: bool | None = None):
+    """Decorator: register a Reward subclass, a factory returning one, or a plain `fn(images, prompts)`."""
+
+    def wrap(obj):
+        _REGISTRY[name] = _as_factory(obj, name, differentiable)
+        return obj
+
+    return wrap
+
+
+def _as_factory(obj, name: str, differentiable: bool | None) -> Callable[..., Reward]:
+    if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+        def factory(**kwargs):
+            r = obj(**kwargs)
+            r.name = getattr(r, "name", None) if getattr(r, "name", "reward") != "reward" else name
+            return r
+        return factory
+
+    def factory(**kwargs):
+        made = obj(**kwargs) if kwargs or _is_factory(obj) else obj
+        if isinstance(made, torch.nn.Module):
+            if getattr(made, "name", "reward") == "reward":
+                made.name = name
+            return made
+        return _FunctionReward(made, name, True if differentiable is None else differentiable)
+
+    return factory
+
+
+def _is_factory(obj) -> bool:
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(obj).parameters.values() if p.default is inspect.Parameter.empty
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 0
+
+
+def list_rewards() -> list[str]:
+    names = set(_REGISTRY)
+    names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names)
+
+
+def load_reward(spec: str, **kwargs: Any) -> Reward:
+    """A reward by registered name, "package.module:factory" import path, or entry-point name."""
+    if spec in _REGISTRY:
+        return _REGISTRY[spec](**kwargs)
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"reward '{spec}': cannot import it ({err})") from None
+        return _as_factory(obj, spec, None)(**kwargs)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == spec:
+            return _as_factory(ep.load(), spec, None)(**kwargs)
+    raise ValueError(f"unknown reward '{spec}': registered are {list_rewards()}; or give 'package.module:factory'")
+
+
+class WeightedSum(Reward):
+    """Σ_i w_i R_i; `last_terms` keeps each term's batch mean for logging."""
+
+    def __init__(self, terms: dict[str, tuple[float, Reward]]):
+        super().__init__()
+        self.weights = {k: w for k, (w, _) in terms.items()}
+        self.terms = torch.nn.ModuleDict({k.replace(".", "_"): r for k, (_, r) in terms.items()})
+        self.keys = list(terms)
+        self.differentiable = all(r.differentiable for _, r in terms.values())
+        self.name = "+".join(f"{w:g}*{k}" for k, (w, _) in terms.items())
+        self.last_terms: dict[str, float] = {}
+
+    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+        total = 0.0
+        for key in self.keys:
+            r = check_reward_output(self.terms[key.replace(".", "_")](images, prompts), key, images.shape[0])
+            self.last_terms[key] = float(r.detach().mean())
+            total = total + self.weights[key] * r
+        return total
+
+
+def check_reward_output(value: Any, name: str, batch: int) -> Tensor:
+    """The reward returned a finite float tensor [B]; else a ValueError naming the reward and what it returned."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"reward '{name}' returned {type(value).__name__}, expected a float tensor of shape [{batch}]")
+    if tuple(value.shape) != (batch,):
+        raise ValueError(f"reward '{name}' returned shape {tuple(value.shape)}, expected [{batch}] (one value per image)")
+    if not value.is_floating_point():
+        raise ValueError(f"reward '{name}' returned dtype {value.dtype}, expected a float tensor")
+    return value

@@ -1,0 +1,102 @@
+"""The control: a LoRA adapter on the denoiser (peft), and the base process as the same module with it off."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from .rollout import Denoiser
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def add_lora_control(
+    module: torch.nn.Module,
+    rank: int = 4,
+    lora_alpha: float | None = None,
+    target_modules: list[str] | tuple[str, ...] = DEFAULT_TARGETS,
+    init: str | bool = "gaussian",
+) -> list[torch.nn.Parameter]:
+    """Freeze `module`, attach a LoRA adapter (the control drift), return the trainable LoRA parameters.
+
+    init: peft's `init_lora_weights` ("gaussian", True for zero-B, ...); every peft init leaves the
+    adapter's output at zero, so training starts at the base process (KL = 0).
+    """
+    from peft import LoraConfig
+
+    module.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha if lora_alpha is not None else rank,
+                        target_modules=list(target_modules), init_lora_weights=init)
+    module.add_adapter(config)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"no LoRA parameters: none of target_modules={list(target_modules)} is in {type(module).__name__}")
+    for p in params:  # the optimizer's copy stays fp32 whatever the model's dtype
+        p.data = p.data.float()
+    return params
+
+
+@contextlib.contextmanager
+def adapter_disabled(module: torch.nn.Module) -> Iterator[None]:
+    """The base process: the same module, adapter off (its frozen weights; no second copy)."""
+    module.disable_adapters()
+    try:
+        yield
+    finally:
+        module.enable_adapters()
+
+
+def base_denoiser(policy: Denoiser, module: torch.nn.Module) -> Denoiser:
+    """The base prediction: `policy`'s own call with `module`'s adapter disabled."""
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with adapter_disabled(module):
+            return policy(x, t)
+
+    return predict
+
+
+def lora_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights with diffusers' key names (no `module.` prefixes), as `load_lora_weights` reads."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    module = getattr(module, "module", module)  # unwrap DDP
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+META_FILE = "sb_finetune.json"
+
+
+def save_lora_control(pipe, module: torch.nn.Module, out_dir: str, metadata: dict) -> None:
+    """Write the adapter in diffusers' LoRA format (+ peft config metadata, so lora_alpha survives),
+    and `sb_finetune.json` with what a loader needs (base model, family, sampler, alpha, reward, version)."""
+    import json
+    import os
+
+    from . import __version__
+
+    module = getattr(module, "module", module)
+    layers = lora_state_dict(module)
+    peft_meta = module.peft_config["default"].to_dict()
+    os.makedirs(out_dir, exist_ok=True)
+    if hasattr(pipe, "transformer"):
+        type(pipe).save_lora_weights(out_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=peft_meta)
+    elif hasattr(pipe, "text_encoder"):
+        type(pipe).save_lora_weights(out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=peft_meta)
+    else:  # unconditional UNet2DModel: diffusers has no LoRA loader mixin for it; same file, same keys
+        from safetensors.torch import save_file
+
+        save_file({f"unet.{k}": v.contiguous() for k, v in layers.items()}, os.path.join(out_dir, ADAPTER_FILE),
+                  metadata={"lora_adapter_metadata": json.dumps({"unet": _jsonable(peft_meta)})})
+    with open(os.path.join(out_dir, META_FILE), "w") as f:
+        json.dump({**metadata, "sb_finetune_version": __version__}, f, indent=1, default=str)
+
+
+def _jsonable(d: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))

@@ -1,0 +1,167 @@
+"""The training loop: sample with the control, score, backprop through the window, step. Top to bottom."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+
+import torch
+
+from . import models
+from .config import Config, to_yaml
+from .control import add_lora_control, base_denoiser, save_lora_control
+from .data import DTYPES, load_pipeline, load_prompts
+from .objective import is_finite, soc_loss
+from .rollout import rollout
+from .sde import make_schedule
+
+
+class Counters:
+    """Step and skipped-step counts, saved and restored with accelerate's state."""
+
+    def __init__(self) -> None:
+        self.step, self.skipped = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped = int(state["step"]), int(state["skipped"])
+
+
+def build_reward(cfg: Config):
+    from sb_finetune.rewards import WeightedSum, load_reward
+
+    if cfg.reward.mix:
+        return WeightedSum({name: (w, load_reward(name, **cfg.reward.kwargs.get(name, {}))) for name, w in cfg.reward.mix.items()})
+    return load_reward(cfg.reward.name, **cfg.reward.kwargs)
+
+
+def score(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    from sb_finetune.rewards import check_reward_output
+
+    if not reward.differentiable:
+        raise ValueError(f"reward '{reward.name}' is not differentiable: this trainer backpropagates through it")
+    return check_reward_output(reward(images, prompts), reward.name, images.shape[0]).float()
+
+
+def train(cfg: Config, resume: str | None = None) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    out_dir = cfg.output.dir
+    accelerator = Accelerator(
+        mixed_precision=cfg.optim.mixed_precision,
+        gradient_accumulation_steps=cfg.optim.grad_accum,
+        log_with=None if cfg.logging.tracker == "none" else cfg.logging.tracker,
+        project_config=ProjectConfiguration(project_dir=out_dir, automatic_checkpoint_naming=True, total_limit=cfg.output.keep_last),
+    )
+    set_seed(cfg.optim.seed, device_specific=True)
+    reward = build_reward(cfg)  # fails fast on an unknown reward, before the model loads
+    prompts = load_prompts(cfg.prompts)
+
+    # ---- model, control, optimizer
+    pipe = load_pipeline(cfg.model).to(accelerator.device)
+    family = models.detect_family(pipe) if cfg.model.family == "auto" else cfg.model.family
+    module = models.denoiser_module(pipe)
+    params = add_lora_control(module, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
+    for part in ("vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, part, None) is not None:
+            getattr(pipe, part).requires_grad_(False)
+    reward.to(accelerator.device).requires_grad_(False)
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    ddp_module, optimizer = accelerator.prepare(module, optimizer)
+    counters = Counters()
+    accelerator.register_for_checkpointing(counters)
+    if resume:
+        path = _checkpoint_path(out_dir, resume)
+        accelerator.load_state(path)
+        accelerator.print(f"resumed from {path} at step {counters.step}")
+    schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.flow_method)
+    window = (cfg.objective.window_min, cfg.objective.window_max or schedule.num_steps)
+    if accelerator.is_main_process:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+    if cfg.logging.tracker != "none":
+        accelerator.init_trackers(cfg.logging.project)
+
+    # ---- the loop
+    b = cfg.optim.batch_size
+    bar = tqdm(total=cfg.optim.steps, initial=counters.step, disable=not accelerator.is_main_process, desc="train")
+    history = []
+    while counters.step < cfg.optim.steps:
+        t0 = time.time()
+        for micro in range(cfg.optim.grad_accum):
+            # each process and step has its own stream: device-specific, and exact on resume
+            g = torch.Generator(accelerator.device).manual_seed(
+                cfg.optim.seed + 1_000_003 * accelerator.process_index + 7919 * (counters.step * cfg.optim.grad_accum + micro))
+            idx = torch.randint(len(prompts), (b,), generator=g, device=accelerator.device).tolist()
+            batch_prompts = [prompts[i] for i in idx]
+            with accelerator.accumulate(ddp_module):
+                cond = models.encode(pipe, family, batch_prompts, b, cfg.sampler.guidance_scale, cfg.sampler.negative_prompt)
+                policy = models.make_denoiser(ddp_module, family, cond, DTYPES[cfg.model.dtype])
+                base = base_denoiser(models.make_denoiser(module, family, cond, DTYPES[cfg.model.dtype]), module)
+                x0 = models.start_noise(pipe, models.latent_shape(pipe, family, b, cfg.model.resolution), g, accelerator.device)
+                kl_backward = None
+                if cfg.objective.kl_grad == "all":
+                    kl_backward = lambda kl: accelerator.backward(cfg.objective.alpha * kl.mean())  # noqa: E731
+                with accelerator.autocast():
+                    out = rollout(policy, base, schedule, x0, window=window, generator=g,
+                                  checkpoint=cfg.objective.checkpointing, kl_backward=kl_backward)
+                    images = models.decode(pipe, family, out.x)
+                    r = score(reward, images, batch_prompts)
+                parts = soc_loss(r, out.kl, cfg.objective.alpha, out.window)
+                finite = is_finite(parts.loss, r)
+                if finite:
+                    accelerator.backward(parts.loss)
+                else:  # NaN/inf never reaches the weights: drop this micro-batch's gradient
+                    optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf) if finite else float("nan")
+                    if finite and is_finite(torch.as_tensor(grad_norm)):
+                        optimizer.step()
+                    else:
+                        counters.skipped += 1
+                        warnings.warn(f"step {counters.step}: non-finite loss, reward or gradient; skipped (total {counters.skipped})")
+                    optimizer.zero_grad(set_to_none=True)
+        counters.step += 1
+        logs = {**parts.log_dict(), "grad_norm": float(grad_norm), "skipped": counters.skipped, "step_time": time.time() - t0}
+        if hasattr(reward, "last_terms"):
+            logs.update({f"reward/{k}": v for k, v in reward.last_terms.items()})
+        history.append(logs)
+        if cfg.logging.tracker != "none" and counters.step % cfg.logging.every == 0:
+            accelerator.log(logs, step=counters.step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{parts.reward_mean:.3f}", kl=f"{parts.kl:.3f}", sec=f"{logs['step_time']:.1f}")
+        if cfg.output.checkpoint_every and counters.step % cfg.output.checkpoint_every == 0:
+            accelerator.save_state()
+    bar.close()
+
+    # ---- the result: adapter + metadata + resolved config
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = {"base_model": cfg.model.pretrained, "family": family, "sampler": {"steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
+                "flow_method": cfg.sampler.flow_method, "guidance_scale": cfg.sampler.guidance_scale},
+                "alpha": cfg.objective.alpha, "reward": reward.name, "steps": counters.step, "skipped_steps": counters.skipped}
+        save_lora_control(pipe, module, out_dir, meta)
+        with open(os.path.join(out_dir, "history.json"), "w") as f:
+            json.dump(history, f)
+    accelerator.end_training()
+    return {"steps": counters.step, "skipped": counters.skipped, "history": history}
+
+
+def _checkpoint_path(out_dir: str, resume: str) -> str:
+    if resume != "latest":
+        if not os.path.isdir(resume):
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+        return resume
+    folder = os.path.join(out_dir, "checkpoints")
+    found = sorted(os.listdir(folder), key=lambda n: int(n.rsplit("_", 1)[-1])) if os.path.isdir(folder) else []
+    if not found:
+        raise FileNotFoundError(f"--resume latest: no checkpoint under {folder}")
+    return os.path.join(folder, found[-1])
