@@ -84,9 +84,6 @@ class LoggingConfig:
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     project: str = "sb-finetune"
     every: int = 1
-    eval_every: int = 0  # 0 = only at the end
-    eval_prompts: list[str] = field(default_factory=list)  # empty = the first training prompts
-    eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
 
 
 @dataclass
@@ -94,7 +91,6 @@ class OutputConfig:
     dir: str = "outputs/run"
     checkpoint_every: int = 0  # 0 = only at the end
     keep_last: int = 2
-    push_to_hub: Optional[str] = None  # a repo id
 
 
 @dataclass

@@ -95,3 +95,17 @@ def test_wrong_reward_shape_names_the_reward():
 
     with pytest.raises(ValueError, match=r"reward 'bad_shape' returned shape \(\)"):
         score(Bad(), torch.rand(2, 3, 8, 8), ["a", "b"])
+
+
+def test_base_yaml_documents_exactly_the_schema():
+    from dataclasses import asdict
+
+    from sb_finetune.config import Config
+
+    assert asdict(load_config(str(ROOT / "configs/base.yaml"))) == asdict(Config())
+    text = (ROOT / "configs/base.yaml").read_text()
+    for section, fields in asdict(Config()).items():
+        for name in fields:
+            line = next((ln for ln in text.splitlines() if ln.strip().startswith(f"{name}:")), "")
+            assert "#" in line or name in ("list", "split", "column", "project", "lr", "weight_decay", "negative_prompt",
+                                            "revision", "target_modules"), f"{section}.{name} has no comment"
