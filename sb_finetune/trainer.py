@@ -96,6 +96,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     history = []
     while counters.step < cfg.optim.steps:
         t0 = time.time()
+        all_finite = True  # one non-finite micro-step voids the whole accumulated step
         for micro in range(cfg.optim.grad_accum):
             # each process and step has its own stream: device-specific, and exact on resume
             g = torch.Generator(accelerator.device).manual_seed(
@@ -117,13 +118,12 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                     r = score(reward, images, batch_prompts)
                 parts = soc_loss(r, out.kl, cfg.objective.alpha, out.window)
                 finite = is_finite(parts.loss, r)
-                if finite:
+                all_finite = all_finite and finite
+                if finite:  # NaN/inf never reaches the weights
                     accelerator.backward(parts.loss)
-                else:  # NaN/inf never reaches the weights: drop this micro-batch's gradient
-                    optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf) if finite else float("nan")
-                    if finite and is_finite(torch.as_tensor(grad_norm)):
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf) if all_finite else float("nan")
+                    if all_finite and is_finite(torch.as_tensor(grad_norm)):
                         optimizer.step()
                     else:
                         counters.skipped += 1

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -52,12 +53,15 @@ def test_smoke_training_writes_a_diffusers_lora(tmp_path):
     assert not torch.allclose(before, after)
 
 
-def test_nan_reward_step_is_skipped_and_training_continues(tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_nan_reward_step_is_skipped_and_training_continues(tmp_path, accum):
+    """The NaN comes on the 2nd reward call: with accumulation 2 it voids the whole first step, not half of it."""
     from sb_finetune.trainer import train
 
     calls["n"] = 0
-    result = train(_smoke(tmp_path, "optim.steps=3", "reward.name=nan_on_second_call"))
+    result = train(_smoke(tmp_path, "optim.steps=3", "reward.name=nan_on_second_call", f"optim.grad_accum={accum}"))
     assert result["steps"] == 3 and result["skipped"] == 1
+    assert result["history"][1 if accum == 1 else 0]["reward_mean"] != result["history"][1 if accum == 1 else 0]["reward_mean"]
     weights = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
 
