@@ -8,8 +8,6 @@ here as free functions: encode the prompts, call the denoiser, the start noise, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -138,7 +136,3 @@ def decode(pipe, family: str, latents: Tensor) -> Tensor:
     image = vae.decode(z.to(vae.dtype)).sample.float()
     return (image / 2 + 0.5).clamp(0, 1)
 
-
-def describe(pipe) -> dict[str, Any]:
-    module = denoiser_module(pipe)
-    return {"family": detect_family(pipe), "denoiser": type(module).__name__, "scheduler": type(pipe.scheduler).__name__}
