@@ -63,16 +63,6 @@ def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tenso
     return mean + std * z, step_kl(mean, mean_base, std)
 
 
-def _kl_only(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor) -> Tensor:
-    """KL_k with a graph to the policy's parameters only (x and the base are constants)."""
-    t, std = schedule.timesteps[k], float(schedule.std[k])
-    if std == 0.0:
-        return x.new_zeros(x.shape[0])
-    with torch.no_grad():
-        mean_base = transition_mean(schedule, k, x, base(x, t))
-    return step_kl(transition_mean(schedule, k, x, policy(x, t)), mean_base, std)
-
-
 def rollout(
     policy: Denoiser,
     base: Denoiser,
@@ -110,11 +100,12 @@ def rollout(
         step = functools.partial(_step, policy, base, schedule, k)
         if k >= start:
             x, kl = _checkpoint(step, x, z, use_reentrant=False) if checkpoint else step(x, z)
-        else:
-            if kl_backward is not None and float(schedule.std[k]) > 0:
-                kl_backward(_kl_only(policy, base, schedule, k, x.detach()))
-            with torch.no_grad():
+        else:  # x is detached: a graph, if any, reaches the policy's parameters only (x held fixed)
+            with torch.set_grad_enabled(kl_backward is not None):
                 x, kl = step(x.detach(), z)
+            if kl.requires_grad:  # deterministic steps carry no KL and no graph
+                kl_backward(kl)
+            x, kl = x.detach(), kl.detach()
         kls.append(kl)
         if on_step is not None:
             replaced = on_step(k, x)
