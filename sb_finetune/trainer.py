@@ -36,15 +36,17 @@ def build_reward(cfg: Config):
     from sb_finetune.rewards import WeightedSum, load_reward
 
     if cfg.reward.mix:
-        return WeightedSum({name: (w, load_reward(name, **cfg.reward.kwargs.get(name, {}))) for name, w in cfg.reward.mix.items()})
-    return load_reward(cfg.reward.name, **cfg.reward.kwargs)
+        reward = WeightedSum({name: (w, load_reward(name, **cfg.reward.kwargs.get(name, {}))) for name, w in cfg.reward.mix.items()})
+    else:
+        reward = load_reward(cfg.reward.name, **cfg.reward.kwargs)
+    if not reward.differentiable:
+        raise ValueError(f"reward '{reward.name}' is not differentiable: this trainer backpropagates through it")
+    return reward
 
 
 def score(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     from sb_finetune.rewards import check_reward_output
 
-    if not reward.differentiable:
-        raise ValueError(f"reward '{reward.name}' is not differentiable: this trainer backpropagates through it")
     return check_reward_output(reward(images, prompts), reward.name, images.shape[0]).float()
 
 

@@ -113,3 +113,18 @@ def test_base_yaml_documents_exactly_the_schema():
             line = next((ln for ln in text.splitlines() if ln.strip().startswith(f"{name}:")), "")
             assert "#" in line or name in ("list", "split", "column", "project", "lr", "weight_decay", "negative_prompt",
                                             "revision", "target_modules"), f"{section}.{name} has no comment"
+
+
+def test_non_differentiable_reward_is_refused_before_the_model_loads():
+    from sb_finetune.rewards import Reward
+    from sb_finetune.trainer import build_reward
+
+    @register_reward("jpeg_like_test_only")
+    class NotDifferentiable(Reward):
+        differentiable = False
+
+        def forward(self, images, prompts):
+            return images.mean(dim=(1, 2, 3))
+
+    with pytest.raises(ValueError, match=r"reward 'jpeg_like_test_only' is not differentiable"):
+        build_reward(load_config(None, ["reward.name=jpeg_like_test_only"]))
