@@ -40,15 +40,10 @@ def register_reward(name: str, differentiable: bool | None = None):
 
 
 def _as_factory(obj, name: str, differentiable: bool | None) -> Callable[..., Reward]:
-    if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
-        def factory(**kwargs):
-            r = obj(**kwargs)
-            r.name = getattr(r, "name", None) if getattr(r, "name", "reward") != "reward" else name
-            return r
-        return factory
+    """A class or a zero-argument factory is called (with the kwargs); a plain `fn(images, prompts)` is wrapped."""
 
     def factory(**kwargs):
-        made = obj(**kwargs) if kwargs or _is_factory(obj) else obj
+        made = obj(**kwargs) if kwargs or isinstance(obj, type) or _is_factory(obj) else obj
         if isinstance(made, torch.nn.Module):
             if getattr(made, "name", "reward") == "reward":
                 made.name = name
