@@ -111,10 +111,8 @@ def make_denoiser(module, family: str, cond: Conditioning, dtype: torch.dtype | 
 
 def latent_shape(pipe, family: str, batch: int, resolution: int | None = None) -> tuple[int, ...]:
     module = denoiser_module(pipe)
-    if family == "unet2d":
-        size = resolution or module.config.sample_size
-        return (batch, module.config.in_channels, size, size)
-    size = (resolution // pipe.vae_scale_factor) if resolution else module.config.sample_size
+    pixels_per_latent = 1 if family == "unet2d" else pipe.vae_scale_factor
+    size = resolution // pixels_per_latent if resolution else module.config.sample_size
     return (batch, module.config.in_channels, size, size)
 
 
