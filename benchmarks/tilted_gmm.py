@@ -47,14 +47,15 @@ def setup(family: str, eta: float, method: str | None):
     return gmm, make_schedule(FlowMatchEulerDiscreteScheduler(shift=1.0), N, eta, flow_method=method), gmm.flow_denoiser()
 
 
-def run(name: str, iters: int, batch: int, seed: int = 0) -> dict:
+def run(name: str, iters: int, batch: int, seed: int = 0, lr: float = 1e-2, final_lr: float = 1e-4) -> dict:
     family, eta, window, method = RUNS[name]
     gmm, schedule, base = setup(family, eta, method)
     target = gmm.tilted(A.double(), ALPHA)
     torch.manual_seed(seed)
     control = MLPControl(base)
     t0 = time.time()
-    fit_control(control, schedule, lambda x: x @ A, ALPHA, iterations=iters, batch=batch, window=window, seed=seed)
+    fit_control(control, schedule, lambda x: x @ A, ALPHA, iterations=iters, batch=batch, window=window, seed=seed,
+                lr=lr, final_lr=final_lr)
     seconds = time.time() - t0
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed + 1)

@@ -117,3 +117,12 @@ def check_reward_output(value: Any, name: str, batch: int) -> Tensor:
     if not value.is_floating_point():
         raise ValueError(f"reward '{name}' returned dtype {value.dtype}, expected a float tensor")
     return value
+
+
+def non_finite_message(value: Tensor, name: str) -> str | None:
+    """None if every reward value is finite; else a sentence naming the reward and what it returned."""
+    bad = ~torch.isfinite(value.detach())
+    if not bool(bad.any()):
+        return None
+    shown = ", ".join(f"{v:g}" for v in value.detach().flatten()[:4].tolist())
+    return f"reward '{name}' returned non-finite values for {int(bad.sum())} of {value.numel()} images ([{shown}{', …' if value.numel() > 4 else ''}])"

@@ -134,15 +134,19 @@ def fit_control(
     iterations: int,
     batch: int,
     lr: float = 3e-3,
+    final_lr: float | None = None,
     window=None,
     seed: int = 0,
     dim: int = 2,
 ) -> list[float]:
-    """Train `control` on the SOC objective with the engine's rollout; returns the objective per iteration."""
+    """Train `control` on the SOC objective with the engine's rollout; returns the objective per iteration.
+
+    With `final_lr` the learning rate follows a cosine from `lr` down to `final_lr`."""
     from .objective import soc_loss
     from .rollout import rollout
 
     opt = torch.optim.Adam(control.net.parameters(), lr=lr)
+    sched = None if final_lr is None else torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=final_lr)
     g = torch.Generator().manual_seed(seed)
     history = []
     for _ in range(iterations):
@@ -151,5 +155,7 @@ def fit_control(
         opt.zero_grad(set_to_none=True)
         parts.loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         history.append(parts.objective)
     return history

@@ -7,58 +7,14 @@ prompts tokenize exactly as they would with a hub tokenizer (see `clip_tokenizer
 
 from __future__ import annotations
 
-import functools
-import gzip
-import json
-import os
-import tempfile
-
 import torch
+
+from .tokenizer import clip_tokenizer, clip_tokenizer_files  # noqa: F401  (re-exported: the kit's tokenizer)
 
 # Shared sizes. Text encoders: hidden 32; SD/SDXL latents 4×16×16 → images 32×32 (VAE downsamples ×2).
 TEXT_HIDDEN = 32
 LATENT_SIZE = 16
 IMAGE_SIZE = 32
-
-
-@functools.lru_cache(maxsize=1)
-def clip_tokenizer_files() -> str:
-    """Write vocab.json + merges.txt of the CLIP BPE tokenizer (from open_clip's bundled file); return the folder."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    with gzip.open(default_bpe()) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]  # the slice open_clip uses
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab]
-    vocab += ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = os.path.join(tempfile.gettempdir(), f"sb_finetune_clip_tokenizer_{os.getpid()}")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder
-
-
-def clip_tokenizer():
-    """The real CLIP tokenizer, offline.
-
-    Padding convention: HF pads with <|endoftext|> (49407) to 77 tokens, as SD's hub tokenizer does;
-    open_clip pads with 0. The two agree on every position where `attention_mask == 1`, i.e.
-    `ids.masked_fill(attention_mask == 0, 0) == open_clip.tokenize(text)`. `model_max_length=77` is
-    required: without it diffusers overflows computing the max length.
-    """
-    from transformers import CLIPTokenizer
-
-    folder = clip_tokenizer_files()
-    return CLIPTokenizer(
-        os.path.join(folder, "vocab.json"),
-        os.path.join(folder, "merges.txt"),
-        pad_token="<|endoftext|>",
-        model_max_length=77,
-    )
 
 
 def _text_encoder(seed: int, projection: bool):
@@ -241,3 +197,42 @@ TINY_PIPELINES = {
     "sd3": tiny_sd3_pipeline,
     "ddpm": tiny_ddpm_pipeline,
 }
+
+
+# --------------------------------------------------------------------------- reward models
+
+
+def tiny_open_clip(embed_dim: int = 768, image_size: int = 224, patch_size: int = 14, name: str | None = None) -> str:
+    """Register a tiny open_clip config (same code path as ViT-L-14 / ViT-H-14, 2 layers of width 64); return its name.
+
+    embed_dim 768 matches the LAION aesthetic head's input."""
+    import json
+    import os
+    import tempfile
+
+    import open_clip
+
+    name = name or f"sbf-tiny-clip-{embed_dim}-{image_size}"
+    if name in open_clip.list_models():
+        return name
+    cfg = {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "head_width": 32, "patch_size": patch_size},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    path = os.path.join(tempfile.mkdtemp(prefix="sbf_open_clip_"), f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    open_clip.add_model_config(path)
+    return name
+
+
+def tiny_clip_config(image_size: int = 224, patch_size: int = 14):
+    """A tiny transformers CLIPConfig (PickScore's architecture class, 2 layers of width 64)."""
+    from transformers import CLIPConfig
+
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "max_position_embeddings": 77, "vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": image_size, "patch_size": patch_size}
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)

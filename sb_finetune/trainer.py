@@ -15,8 +15,12 @@ from .config import Config, to_yaml
 from .control import add_lora_control, base_denoiser, save_lora_control
 from .data import DTYPES, load_pipeline, load_prompts
 from .objective import is_finite, soc_loss
+from .rewards import non_finite_message
 from .rollout import rollout
 from .sde import make_schedule
+
+
+MAX_BAD_REWARD_STEPS = 3  # a reward that is non-finite this often in a row is broken, not unlucky
 
 
 class Counters:
@@ -45,6 +49,7 @@ def build_reward(cfg: Config):
 
 
 def score(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The reward, checked: a float tensor [B] (else a ValueError naming the reward and what it returned)."""
     from sb_finetune.rewards import check_reward_output
 
     return check_reward_output(reward(images, prompts), reward.name, images.shape[0]).float()
@@ -95,10 +100,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     # ---- the loop
     b = cfg.optim.batch_size
     bar = tqdm(total=cfg.optim.steps, initial=counters.step, disable=not accelerator.is_main_process, desc="train")
-    history = []
+    history, bad_reward_streak = [], 0
     while counters.step < cfg.optim.steps:
         t0 = time.time()
         all_finite = True  # one non-finite micro-step voids the whole accumulated step
+        problem = None  # what the reward returned, if it was not finite
         for micro in range(cfg.optim.grad_accum):
             # each process and step has its own stream: device-specific, and exact on resume
             g = torch.Generator(accelerator.device).manual_seed(
@@ -120,6 +126,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                     r = score(reward, images, batch_prompts)
                 parts = soc_loss(r, out.kl, cfg.objective.alpha, out.window)
                 finite = is_finite(parts.loss, r)
+                problem = problem or non_finite_message(r, reward.name)
                 all_finite = all_finite and finite
                 if finite:  # NaN/inf never reaches the weights
                     accelerator.backward(parts.loss)
@@ -129,8 +136,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                         optimizer.step()
                     else:
                         counters.skipped += 1
-                        warnings.warn(f"step {counters.step}: non-finite loss, reward or gradient; skipped (total {counters.skipped})")
+                        warnings.warn(f"step {counters.step}: {problem or 'non-finite loss or gradient'}; step skipped, weights "
+                                      f"untouched (total {counters.skipped})")
                     optimizer.zero_grad(set_to_none=True)
+        bad_reward_streak = bad_reward_streak + 1 if problem else 0
+        if bad_reward_streak >= MAX_BAD_REWARD_STEPS:
+            raise RuntimeError(f"{problem}, on {bad_reward_streak} steps in a row: stopping (the weights never saw it; "
+                               f"checkpoints already saved in {out_dir} are kept)")
         counters.step += 1
         logs = {**parts.log_dict(), "grad_norm": float(grad_norm), "skipped": counters.skipped, "step_time": time.time() - t0}
         if hasattr(reward, "last_terms"):

@@ -66,6 +66,32 @@ def test_nan_reward_step_is_skipped_and_training_continues(tmp_path, accum):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+@register_reward("always_nan")
+def _always_nan(images, prompts):
+    return images.mean(dim=(1, 2, 3)) * float("nan")
+
+
+@register_reward("returns_a_list")
+def _returns_a_list(images, prompts):
+    return [0.0] * images.shape[0]
+
+
+def test_a_reward_that_keeps_returning_nan_stops_training_with_its_name(tmp_path):
+    from sb_finetune.trainer import MAX_BAD_REWARD_STEPS, train
+
+    with pytest.warns(UserWarning, match=r"reward 'always_nan' returned non-finite values for 2 of 2 images \(\[nan, nan\]\)"):
+        with pytest.raises(RuntimeError, match=rf"reward 'always_nan' returned non-finite .* on {MAX_BAD_REWARD_STEPS} steps in a row"):
+            train(_smoke(tmp_path, "optim.steps=10", "reward.name=always_nan"))
+
+
+def test_a_reward_returning_a_non_tensor_names_the_reward_and_the_type(tmp_path):
+    from sb_finetune.trainer import train
+
+    with pytest.raises(ValueError, match=r"reward 'returns_a_list' returned list, expected a float tensor of shape \[2\]"):
+        train(_smoke(tmp_path, "reward.name=returns_a_list"))
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
+
+
 def _run_train(*args):
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
