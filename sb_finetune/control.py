@@ -29,7 +29,7 @@ def add_lora_control(
     module.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=lora_alpha if lora_alpha is not None else rank,
                         target_modules=list(target_modules), init_lora_weights=init)
-    module.add_adapter(config)
+    attach_adapter(module, config)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"no LoRA parameters: none of target_modules={list(target_modules)} is in {type(module).__name__}")
@@ -38,14 +38,41 @@ def add_lora_control(
     return params
 
 
+def attach_adapter(module: torch.nn.Module, config) -> None:
+    """diffusers' `add_adapter` where the model has it; else (UNet2DModel) peft's injection, with the config
+    kept in `module.peft_config` as diffusers keeps it."""
+    if hasattr(module, "add_adapter"):
+        module.add_adapter(config)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, module, adapter_name="default")
+    module.peft_config = {"default": config}
+
+
+def has_adapter(module: torch.nn.Module) -> bool:
+    return bool(_tuner_layers(getattr(module, "module", module)))
+
+
+def _tuner_layers(module: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
 @contextlib.contextmanager
 def adapter_disabled(module: torch.nn.Module) -> Iterator[None]:
-    """The base process: the same module, adapter off (its frozen weights; no second copy)."""
-    module.disable_adapters()
+    """The base process: the same module, adapter off (its frozen weights; no second copy). On exit each
+    layer returns to the state it had (a user's `disable_lora()` stays in force)."""
+    layers = _tuner_layers(getattr(module, "module", module))
+    was_disabled = [m.disable_adapters for m in layers]
+    for m in layers:
+        m.enable_adapters(False)
     try:
         yield
     finally:
-        module.enable_adapters()
+        for m, disabled in zip(layers, was_disabled):
+            m.enable_adapters(not disabled)
 
 
 def base_denoiser(policy: Denoiser, module: torch.nn.Module) -> Denoiser:
@@ -92,8 +119,12 @@ def save_lora_control(pipe, module: torch.nn.Module, out_dir: str, metadata: dic
 
         save_file({f"unet.{k}": v.contiguous() for k, v in layers.items()}, os.path.join(out_dir, ADAPTER_FILE),
                   metadata={"lora_adapter_metadata": json.dumps({"unet": _jsonable(peft_meta)})})
+    meta = {**metadata, "sb_finetune_version": __version__}
     with open(os.path.join(out_dir, META_FILE), "w") as f:
-        json.dump({**metadata, "sb_finetune_version": __version__}, f, indent=1, default=str)
+        json.dump(meta, f, indent=1, default=str)
+    from .hub import write_model_card
+
+    write_model_card(out_dir, meta)
 
 
 def _jsonable(d: dict) -> dict:

@@ -45,23 +45,28 @@ class Conditioning:
 
 @torch.no_grad()
 def encode(pipe, family: str, prompts: list[str] | None, batch: int, guidance_scale: float = 1.0,
-           negative_prompt: str | None = None) -> Conditioning:
-    """Text conditioning for a batch (no grad: the text encoders are frozen)."""
+           negative_prompt: str | list[str] | None = None, size: tuple[int, int] | None = None) -> Conditioning:
+    """Text conditioning for a batch (no grad: the text encoders are frozen). `size`: the image (h, w), for SDXL's
+    size conditioning (default: the model's native size)."""
     cfg = guidance_scale > 1.0
     device = pipe.device
     if family == "unet2d":
         return Conditioning({}, None, 1.0, batch)
     prompts = list(prompts)
-    neg = [negative_prompt or ""] * len(prompts) if cfg else None
+    # No negative prompt: None, so each pipeline applies its own convention ("" for SD/SD3, zeros for SDXL's
+    # force_zeros_for_empty_prompt), as its stock __call__ does.
+    neg = None
+    if cfg and negative_prompt is not None:
+        neg = list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) else [negative_prompt] * len(prompts)
     if family == "sd":
         pe, ne = pipe.encode_prompt(prompts, device, 1, cfg, negative_prompt=neg)
         return Conditioning({"encoder_hidden_states": pe}, {"encoder_hidden_states": ne} if cfg else None, guidance_scale, len(prompts))
     if family == "sdxl":
         pe, ne, pooled, npooled = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
                                                      do_classifier_free_guidance=cfg, negative_prompt=neg)
-        size = pipe.default_sample_size * pipe.vae_scale_factor
+        size = size or (pipe.default_sample_size * pipe.vae_scale_factor,) * 2
         dim = pipe.text_encoder_2.config.projection_dim
-        ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=pe.dtype, text_encoder_projection_dim=dim)
+        ids = pipe._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=pe.dtype, text_encoder_projection_dim=dim)
         ids = ids.to(device).repeat(len(prompts), 1)
         c = {"encoder_hidden_states": pe, "text_embeds": pooled, "time_ids": ids}
         u = {"encoder_hidden_states": ne, "text_embeds": npooled, "time_ids": ids} if cfg else None

@@ -52,14 +52,17 @@ def draw_window(spec: WindowSpec, num_steps: int, generator: torch.Generator | N
     return int(torch.randint(lo, hi + 1, (1,), generator=generator, device=device))
 
 
-def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True) -> tuple[Tensor, Tensor]:
     """One transition x_k → x_{k+1} under the policy, and KL_k to the base at the same x_k."""
     t = schedule.timesteps[k]
     std = float(schedule.std[k])
-    mean_base = transition_mean(schedule, k, x, base(x, t))
+    no_kl = x.new_zeros(x.shape[0])
     if std == 0.0:  # deterministic step: the base's, uncontrolled, no KL
-        return mean_base, x.new_zeros(x.shape[0])
+        return transition_mean(schedule, k, x, base(x, t)), no_kl
     mean = transition_mean(schedule, k, x, policy(x, t))
+    if policy is base or not compute_kl:
+        return mean + std * z, no_kl
+    mean_base = transition_mean(schedule, k, x, base(x, t))
     return mean + std * z, step_kl(mean, mean_base, std)
 
 
@@ -75,6 +78,7 @@ def rollout(
     kl_backward: Callable[[Tensor], None] | None = None,
     return_trajectory: bool = False,
     on_step: Callable[[int, Tensor], Tensor | None] | None = None,
+    compute_kl: bool = True,
 ) -> Rollout:
     """Run the N-step controlled chain from the start noise `x`.
 
@@ -87,6 +91,8 @@ def rollout(
         constant; the returned KL is then detached there, so the caller must not count it again.
     on_step: called after every step with (k, x_{k+1}); may return a replacement state (pipelines'
         `callback_on_step_end`).
+    compute_kl: False skips the base's prediction on controlled steps (sampling only; KL returned as 0).
+        Deterministic steps always use the base, so the samples are the same either way.
     """
     n = schedule.num_steps
     controlled = [k for k in range(n) if float(schedule.std[k]) > 0]
@@ -97,7 +103,7 @@ def rollout(
     trajectory = [x.detach()] if return_trajectory else None
     for k in range(n):
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        step = functools.partial(_step, policy, base, schedule, k)
+        step = functools.partial(_step, policy, base, schedule, k, compute_kl=compute_kl)
         if k >= start:
             x, kl = _checkpoint(step, x, z, use_reentrant=False) if checkpoint else step(x, z)
         else:  # x is detached: a graph, if any, reaches the policy's parameters only (x held fixed)

@@ -1,0 +1,193 @@
+"""What every sb-finetune pipeline shares: the engine's sampler behind `__call__`, the output, the loaders.
+
+The sampling math is the engine's (`sb_finetune.sde` + `sb_finetune.rollout`); a pipeline only encodes the
+prompts, runs the rollout under `no_grad`, and post-processes the images as diffusers does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.utils import BaseOutput
+
+from sb_finetune import models
+from sb_finetune.control import ADAPTER_FILE, attach_adapter, base_denoiser, has_adapter
+from sb_finetune.hub import read_adapter_folder, resolve_adapter_folder
+from sb_finetune.rollout import Rollout, rollout
+from sb_finetune.sde import make_schedule
+
+
+@dataclass
+class SBPipelineOutput(BaseOutput):
+    """images: PIL list, numpy [B, H, W, 3] or tensor [B, 3, H, W] in [0, 1] (or latents);
+    kl: [B, N] per-step KL of the sampled path to the base model, nats (with `return_kl=True`);
+    trajectory: the states x_0 … x_N (with `return_trajectory=True`)."""
+
+    images: list | np.ndarray | torch.Tensor
+    kl: torch.Tensor | None = None
+    trajectory: list[torch.Tensor] | None = None
+
+
+class SBFinetunedMixin:
+    """`from_finetuned` and `load_sb_control` for a stock diffusers pipeline class with `sb_family` set."""
+
+    sb_family: str = ""
+
+    @classmethod
+    def from_finetuned(cls, path_or_hub_id: str, base=None, **from_pretrained_kwargs):
+        """Base model (from the adapter's `sb_finetune.json`, or `base=`: an id, a folder or a pipeline) + adapter."""
+        folder = resolve_adapter_folder(path_or_hub_id)
+        meta = read_adapter_folder(folder, require_metadata=base is None)
+        _check_family(meta, cls, folder)
+        pipe = _load_base(cls, base if base is not None else meta.get("base_model"), from_pretrained_kwargs)
+        pipe.load_sb_control(folder)
+        return pipe
+
+    def load_sb_control(self, path_or_hub_id: str):
+        """Attach a saved control adapter (diffusers' LoRA loader; peft injection for UNet2DModel)."""
+        folder = resolve_adapter_folder(path_or_hub_id)
+        meta = read_adapter_folder(folder, require_metadata=False)
+        _check_family(meta, type(self), folder)
+        try:
+            if self.sb_family == "unet2d":
+                _load_unet2d_adapter(self.unet, folder)
+            else:
+                self.load_lora_weights(folder)
+        except (ValueError, RuntimeError, KeyError) as err:
+            raise ValueError(f"the adapter in '{folder}' does not fit this {type(self).__name__}'s model "
+                             f"({str(err).splitlines()[0][:200]})") from None
+        if not has_adapter(models.denoiser_module(self)):
+            raise ValueError(f"the adapter in '{folder}' matched no layer of this {type(self).__name__}'s model")
+        self.sb_metadata = meta
+        return self
+
+
+def _check_family(meta: dict, cls, folder: str) -> None:
+    family = meta.get("family")
+    if family and family != cls.sb_family:
+        from . import PIPELINES
+
+        raise ValueError(f"the adapter in '{folder}' was trained for model family '{family}'; {cls.__name__} is for "
+                         f"'{cls.sb_family}' (use {PIPELINES[family].__name__}, or sb_finetune.pipelines.load_finetuned)")
+
+
+def _load_base(cls, base, kwargs: dict):
+    from diffusers import DiffusionPipeline
+
+    if base is None:
+        raise ValueError(f"{cls.__name__}.from_finetuned: no base model (none in the metadata); pass base=")
+    if isinstance(base, DiffusionPipeline):
+        return _from_components(cls, base.components)
+    if str(base).startswith("tiny:"):
+        from sb_finetune.testing import TINY_PIPELINES
+
+        return _from_components(cls, TINY_PIPELINES[str(base)[5:]]().components)
+    try:
+        pipe = cls.from_pretrained(base, **kwargs)
+    except (OSError, ValueError) as err:
+        from sb_finetune.data import missing_model_message
+
+        raise FileNotFoundError(missing_model_message(str(base), err)) from None
+    return pipe
+
+
+def _from_components(cls, components: dict):
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in components.items() if k in params}
+    if "requires_safety_checker" in params:
+        kwargs["requires_safety_checker"] = False
+    pipe = cls(**kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_unet2d_adapter(unet, folder: str) -> None:
+    """diffusers has no LoRA loader for UNet2DModel: read the same file format and inject it with peft."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, ADAPTER_FILE)
+    with safe_open(path, framework="pt") as f:
+        header = f.metadata() or {}
+    if "lora_adapter_metadata" not in header:
+        raise ValueError(f"{path} carries no LoRA config (lora_adapter_metadata)")
+    config = json.loads(header["lora_adapter_metadata"])["unet"]
+    fields = {k for k in LoraConfig.__dataclass_fields__ if k not in ("peft_type",)}
+    state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in load_file(path).items() if k.startswith("unet.")})
+    attach_adapter(unet, LoraConfig(**{k: v for k, v in config.items() if k in fields}))
+    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"unexpected keys {result.unexpected_keys[:3]}")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def check_call_inputs(pipe, generator, callback_tensor_inputs, unsupported: dict) -> None:
+    given = {k: v for k, v in unsupported.items() if v is not None}
+    if given:
+        raise TypeError(f"{type(pipe).__name__} does not support {sorted(given)} (the SDE sampler takes prompts, sizes, "
+                        f"guidance, eta, generator, latents and callbacks)")
+    if isinstance(generator, list):
+        raise TypeError(f"{type(pipe).__name__}: pass one torch.Generator (the whole batch is one SDE rollout), not a list")
+    allowed = getattr(pipe, "_callback_tensor_inputs", ["latents"])
+    bad = [k for k in callback_tensor_inputs or [] if k not in allowed]
+    if bad:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not among {allowed}")
+
+
+def sample(pipe, cond: models.Conditioning, shape: tuple[int, ...], *, num_inference_steps: int, eta: float,
+           flow_method: str = "posterior", generator=None, latents=None, return_kl: bool = False,
+           return_trajectory: bool = False, callback=None, callback_tensor_inputs=("latents",), extra_tensors=None) -> Rollout:
+    """The engine's rollout with the pipeline's model: the adapter (if any) as policy, the adapter off as base."""
+    module = models.denoiser_module(pipe)
+    device = module.device
+    schedule = make_schedule(pipe.scheduler, num_inference_steps, eta, flow_method)
+    policy = models.make_denoiser(module, pipe.sb_family, cond)
+    if eta == 0 and return_kl:
+        raise ValueError("return_kl needs eta > 0: a deterministic sampler's path KL to the base is undefined")
+    # The trained process: deterministic steps (a memoryless chain's last one) are the base's. At eta = 0 every
+    # step is deterministic: that is the adapted model's ODE, as the stock pipeline samples it.
+    base = base_denoiser(policy, module) if has_adapter(module) and eta > 0 else policy
+    if latents is not None:
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
+        x = latents.to(device=device, dtype=torch.float32)
+    else:
+        x = models.start_noise(pipe, shape, generator, device)
+
+    on_step = None
+    if callback is not None:
+        def on_step(k: int, x: torch.Tensor):
+            tensors = {"latents": x, **(extra_tensors or {})}
+            out = callback(pipe, k, schedule.timesteps[k], {name: tensors[name] for name in callback_tensor_inputs})
+            return (out or {}).get("latents")
+
+    return rollout(policy, base, schedule, x, window=0, generator=generator, return_trajectory=return_trajectory,
+                   on_step=on_step, compute_kl=return_kl)
+
+
+def finish(pipe, result: Rollout, output_type: str, return_dict: bool, return_kl: bool, return_trajectory: bool):
+    """Decode and post-process as diffusers does; the output dataclass or a tuple (images, kl, trajectory)."""
+    if output_type == "latent":
+        images = result.x
+    else:
+        images = models.decode(pipe, pipe.sb_family, result.x.to(models.denoiser_module(pipe).dtype))
+        if output_type in ("np", "pil"):
+            images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+            images = pipe.numpy_to_pil(images) if output_type == "pil" else images
+        elif output_type != "pt":
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+    pipe.maybe_free_model_hooks()
+    kl = result.kl if return_kl else None
+    trajectory = result.trajectory if return_trajectory else None
+    if not return_dict:
+        return images, kl, trajectory
+    return SBPipelineOutput(images=images, kl=kl, trajectory=trajectory)

@@ -1,0 +1,30 @@
+"""Unconditional UNet2DModel bases (DDPMPipeline) with the memoryless SDE sampler and the LoRA control drift."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMPipeline
+
+from sb_finetune import models
+
+from .core import SBFinetunedMixin, check_call_inputs, finish, sample
+
+
+class SBDDPMPipeline(SBFinetunedMixin, DDPMPipeline):
+    sb_family = "unet2d"
+    _callback_tensor_inputs = ["latents"]
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, generator: torch.Generator | None = None, num_inference_steps: int = 1000,
+                 eta: float = 1.0, latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+                 return_kl: bool = False, return_trajectory: bool = False, **unsupported):
+        """Sample `batch_size` images with the SDE (η = `eta`; 1 = DDPM, memoryless); `return_kl` adds the
+        per-step KL to the base model."""
+        check_call_inputs(self, generator, callback_on_step_end_tensor_inputs, unsupported)
+        cond = models.Conditioning({}, None, 1.0, batch_size)
+        shape = models.latent_shape(self, "unet2d", batch_size)
+        result = sample(self, cond, shape, num_inference_steps=num_inference_steps, eta=eta, generator=generator,
+                        latents=latents, return_kl=return_kl, return_trajectory=return_trajectory,
+                        callback=callback_on_step_end, callback_tensor_inputs=callback_on_step_end_tensor_inputs)
+        return finish(self, result, output_type, return_dict, return_kl, return_trajectory)

@@ -1,0 +1,97 @@
+"""Stable Diffusion 1.x/2.x, SDXL and SD3 with the memoryless SDE sampler and the LoRA control drift.
+
+Each subclasses the stock diffusers pipeline and overrides `__call__` only (loading, saving, LoRA loading,
+offloading are the stock ones). `eta=1` is the memoryless sampler the adapter was trained with (for SD/SDXL
+the DDPM posterior step, for SD3 the exact flow posterior step); lower eta is less noisy but not the process
+the fine-tuning targets.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from sb_finetune import models
+
+from .core import SBFinetunedMixin, check_call_inputs, finish, sample
+
+
+def _text_to_image(pipe, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
+                   eta, flow_method, generator, latents, output_type, return_dict, callback_on_step_end,
+                   callback_on_step_end_tensor_inputs, return_kl, return_trajectory, unsupported):
+    check_call_inputs(pipe, generator, callback_on_step_end_tensor_inputs, unsupported)
+    if prompt is None:
+        raise ValueError(f"{type(pipe).__name__}: give a prompt (a string or a list of strings)")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+    if isinstance(negative_prompt, (list, tuple)):
+        negative_prompt = [n for n in negative_prompt for _ in range(num_images_per_prompt)]
+    module = models.denoiser_module(pipe)
+    height = height or module.config.sample_size * pipe.vae_scale_factor
+    width = width or module.config.sample_size * pipe.vae_scale_factor
+    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
+        raise ValueError(f"height and width must be multiples of {pipe.vae_scale_factor}, got {height}×{width}")
+    cond = models.encode(pipe, pipe.sb_family, prompts, len(prompts), guidance_scale, negative_prompt, size=(height, width))
+    shape = (len(prompts), module.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    extras = {
+        "prompt_embeds": cond.cond["encoder_hidden_states"],
+        "negative_prompt_embeds": cond.uncond["encoder_hidden_states"] if cond.uncond else None,
+        "pooled_prompt_embeds": cond.cond.get("pooled_projections"),
+        "add_text_embeds": cond.cond.get("text_embeds"),
+        "add_time_ids": cond.cond.get("time_ids"),
+    }
+    result = sample(pipe, cond, shape, num_inference_steps=num_inference_steps, eta=eta, flow_method=flow_method,
+                    generator=generator, latents=latents, return_kl=return_kl, return_trajectory=return_trajectory,
+                    callback=callback_on_step_end, callback_tensor_inputs=callback_on_step_end_tensor_inputs,
+                    extra_tensors={k: v for k, v in extras.items() if v is not None})
+    return finish(pipe, result, output_type, return_dict, return_kl, return_trajectory)
+
+
+class SBStableDiffusionPipeline(SBFinetunedMixin, StableDiffusionPipeline):
+    sb_family = "sd"
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt: str | list[str] | None = None,
+                 num_images_per_prompt: int = 1, eta: float = 1.0, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+                 return_kl: bool = False, return_trajectory: bool = False, **unsupported):
+        """Sample with the SDE (η = `eta`; 1 = memoryless); `return_kl` adds the per-step KL to the base model."""
+        return _text_to_image(self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
+                              num_images_per_prompt, eta, "posterior", generator, latents, output_type, return_dict,
+                              callback_on_step_end, callback_on_step_end_tensor_inputs, return_kl, return_trajectory, unsupported)
+
+
+class SBStableDiffusionXLPipeline(SBFinetunedMixin, StableDiffusionXLPipeline):
+    sb_family = "sdxl"
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 5.0, negative_prompt: str | list[str] | None = None,
+                 num_images_per_prompt: int = 1, eta: float = 1.0, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+                 return_kl: bool = False, return_trajectory: bool = False, **unsupported):
+        """Sample with the SDE (η = `eta`; 1 = memoryless); `return_kl` adds the per-step KL to the base model."""
+        return _text_to_image(self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
+                              num_images_per_prompt, eta, "posterior", generator, latents, output_type, return_dict,
+                              callback_on_step_end, callback_on_step_end_tensor_inputs, return_kl, return_trajectory, unsupported)
+
+
+class SBStableDiffusion3Pipeline(SBFinetunedMixin, StableDiffusion3Pipeline):
+    sb_family = "sd3"
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 28, guidance_scale: float = 7.0, negative_prompt: str | list[str] | None = None,
+                 num_images_per_prompt: int = 1, eta: float = 1.0, flow_method: str = "posterior",
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None, output_type: str = "pil",
+                 return_dict: bool = True, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",), return_kl: bool = False,
+                 return_trajectory: bool = False, **unsupported):
+        """Sample with the flow SDE: `flow_method` "posterior" (exact step, no singularity at σ = 1) or
+        "euler_maruyama"; η = `eta` (1 = memoryless). `return_kl` adds the per-step KL to the base model."""
+        return _text_to_image(self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
+                              num_images_per_prompt, eta, flow_method, generator, latents, output_type, return_dict,
+                              callback_on_step_end, callback_on_step_end_tensor_inputs, return_kl, return_trajectory, unsupported)
