@@ -16,7 +16,7 @@ import torch
 from diffusers.utils import BaseOutput
 
 from sb_finetune import models
-from sb_finetune.control import ADAPTER_FILE, attach_adapter, base_denoiser, has_adapter
+from sb_finetune.control import ADAPTER_FILE, attach_adapter, base_denoiser, has_adapter, load_lora_control
 from sb_finetune.hub import read_adapter_folder, resolve_adapter_folder
 from sb_finetune.rollout import Rollout, rollout
 from sb_finetune.sde import make_schedule
@@ -108,10 +108,8 @@ def _from_components(cls, components: dict):
 
 def _load_unet2d_adapter(unet, folder: str) -> None:
     """diffusers has no LoRA loader for UNet2DModel: read the same file format and inject it with peft."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft import LoraConfig, set_peft_model_state_dict
+    from peft import LoraConfig
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = os.path.join(folder, ADAPTER_FILE)
     with safe_open(path, framework="pt") as f:
@@ -120,11 +118,8 @@ def _load_unet2d_adapter(unet, folder: str) -> None:
         raise ValueError(f"{path} carries no LoRA config (lora_adapter_metadata)")
     config = json.loads(header["lora_adapter_metadata"])["unet"]
     fields = {k for k in LoraConfig.__dataclass_fields__ if k not in ("peft_type",)}
-    state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in load_file(path).items() if k.startswith("unet.")})
     attach_adapter(unet, LoraConfig(**{k: v for k, v in config.items() if k in fields}))
-    result = set_peft_model_state_dict(unet, state, adapter_name="default")
-    if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"unexpected keys {result.unexpected_keys[:3]}")
+    load_lora_control(unet, folder)
 
 
 # --------------------------------------------------------------------------- sampling

@@ -84,6 +84,9 @@ class LoggingConfig:
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     project: str = "sb-finetune"
     every: int = 1
+    eval_every: int = 0  # image grid of eval prompts × seeds at step 0, every n steps and at the end; 0 = off
+    eval_prompts: list[str] = field(default_factory=list)  # [] = the first 4 training prompts
+    eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # one grid column per seed
 
 
 @dataclass
@@ -91,6 +94,7 @@ class OutputConfig:
     dir: str = "outputs/run"
     checkpoint_every: int = 0  # 0 = only at the end
     keep_last: int = 2
+    push_to_hub: Optional[str] = None  # a hub repo id: upload the final adapter folder there
 
 
 @dataclass

@@ -127,6 +127,23 @@ def save_lora_control(pipe, module: torch.nn.Module, out_dir: str, metadata: dic
     write_model_card(out_dir, meta)
 
 
+def load_lora_control(module: torch.nn.Module, folder: str) -> None:
+    """Load the weights of a saved adapter (`save_lora_control`'s file) into `module`'s attached adapter."""
+    import os
+
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    module = getattr(module, "module", module)
+    saved = load_file(os.path.join(folder, ADAPTER_FILE))
+    state = convert_unet_state_dict_to_peft({k.split(".", 1)[1]: v for k, v in saved.items()})  # drop "unet."/"transformer."
+    result = set_peft_model_state_dict(module, state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"the adapter in '{folder}' does not fit this model: unexpected keys {unexpected[:3]}")
+
+
 def _jsonable(d: dict) -> dict:
     import json
 

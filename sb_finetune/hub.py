@@ -82,15 +82,17 @@ def write_model_card(folder: str, meta: dict) -> str:
     return path
 
 
-def push_to_hub(folder: str, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Upload the adapter folder (weights, metadata, model card) to `repo_id`; returns the repo URL."""
+def push_to_hub(folder: str, repo_id: str, token: str | None = None, private: bool = False,
+                allow_patterns: list[str] | None = None) -> str:
+    """Upload the adapter folder (weights, metadata, model card; `allow_patterns` to pick files) to `repo_id`;
+    returns the repo URL."""
     read_adapter_folder(folder)
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="sb-finetune adapter")
+        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="sb-finetune adapter", allow_patterns=allow_patterns)
     except Exception as err:
         raise RuntimeError(f"cannot push '{folder}' to the Hugging Face Hub repo '{repo_id}' ({type(err).__name__}: "
                            f"{str(err).splitlines()[0][:160]}); the folder is unchanged, push it later with "

@@ -12,7 +12,7 @@ import torch
 
 from . import models
 from .config import Config, to_yaml
-from .control import add_lora_control, base_denoiser, save_lora_control
+from .control import add_lora_control, base_denoiser, load_lora_control, lora_state_dict, save_lora_control
 from .data import DTYPES, load_pipeline, load_prompts
 from .objective import is_finite, soc_loss
 from .rewards import non_finite_message
@@ -62,11 +62,17 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
     out_dir = cfg.output.dir
     accelerator = Accelerator(
+        cpu=_cpu_only(),
         mixed_precision=cfg.optim.mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
         log_with=None if cfg.logging.tracker == "none" else cfg.logging.tracker,
         project_config=ProjectConfiguration(project_dir=out_dir, automatic_checkpoint_naming=True, total_limit=cfg.output.keep_last),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(f"{launched} processes were launched but accelerate joined {accelerator.num_processes} "
+                           f"({accelerator.distributed_type}): each would train alone. On CPUs use `accelerate launch "
+                           f"--multi_gpu --num_processes {launched}`")
     set_seed(cfg.optim.seed, device_specific=True)
     reward = build_reward(cfg)  # fails fast on an unknown reward, before the model loads
     prompts = load_prompts(cfg.prompts)
@@ -84,9 +90,20 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     ddp_module, optimizer = accelerator.prepare(module, optimizer)
     counters = Counters()
     accelerator.register_for_checkpointing(counters)
+    meta = {"base_model": cfg.model.pretrained, "family": family, "sampler": {"steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
+            "flow_method": cfg.sampler.flow_method, "guidance_scale": cfg.sampler.guidance_scale},
+            "alpha": cfg.objective.alpha, "reward": reward.name}
+    # checkpoints hold the LoRA in diffusers' format (+ config.yaml), not the whole frozen model
+    accelerator.register_save_state_pre_hook(_save_hook(accelerator, pipe, module, meta, counters, cfg))
+    accelerator.register_load_state_pre_hook(_load_hook(module))
+    history = []
     if resume:
         path = _checkpoint_path(out_dir, resume)
         accelerator.load_state(path)
+        name = os.path.basename(os.path.normpath(path))
+        if name.startswith("checkpoint_") and name[11:].isdigit():  # new checkpoints continue the numbering
+            accelerator.project_configuration.iteration = int(name[11:]) + 1
+        history = _read_history(out_dir, counters.step)
         accelerator.print(f"resumed from {path} at step {counters.step}")
     schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.flow_method)
     window = (cfg.objective.window_min, cfg.objective.window_max or schedule.num_steps)
@@ -96,11 +113,14 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             f.write(to_yaml(cfg))
     if cfg.logging.tracker != "none":
         accelerator.init_trackers(cfg.logging.project)
+    evaluate = _evaluator(accelerator, cfg, pipe, module, family, schedule, prompts)
+    if counters.step == 0:
+        evaluate(0)
 
     # ---- the loop
     b = cfg.optim.batch_size
     bar = tqdm(total=cfg.optim.steps, initial=counters.step, disable=not accelerator.is_main_process, desc="train")
-    history, bad_reward_streak = [], 0
+    bad_reward_streak = 0
     while counters.step < cfg.optim.steps:
         t0 = time.time()
         all_finite = True  # one non-finite micro-step voids the whole accumulated step
@@ -154,19 +174,108 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         bar.set_postfix(reward=f"{parts.reward_mean:.3f}", kl=f"{parts.kl:.3f}", sec=f"{logs['step_time']:.1f}")
         if cfg.output.checkpoint_every and counters.step % cfg.output.checkpoint_every == 0:
             accelerator.save_state()
+            if accelerator.is_main_process:
+                _write_history(out_dir, history)
+        if cfg.logging.eval_every and counters.step % cfg.logging.eval_every == 0 and counters.step < cfg.optim.steps:
+            evaluate(counters.step)
     bar.close()
+    evaluate(counters.step)
 
-    # ---- the result: adapter + metadata + resolved config
+    # ---- the result: adapter + metadata + model card + resolved config; every rank holds the same control
     accelerator.wait_for_everyone()
+    lora = {k: v.detach().float().cpu() for k, v in lora_state_dict(module).items()}
+    _check_ranks_agree(accelerator, lora)
     if accelerator.is_main_process:
-        meta = {"base_model": cfg.model.pretrained, "family": family, "sampler": {"steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
-                "flow_method": cfg.sampler.flow_method, "guidance_scale": cfg.sampler.guidance_scale},
-                "alpha": cfg.objective.alpha, "reward": reward.name, "steps": counters.step, "skipped_steps": counters.skipped}
-        save_lora_control(pipe, module, out_dir, meta)
-        with open(os.path.join(out_dir, "history.json"), "w") as f:
-            json.dump(history, f)
+        save_lora_control(pipe, module, out_dir, {**meta, "steps": counters.step, "skipped_steps": counters.skipped})
+        _write_history(out_dir, history)
+        if cfg.output.push_to_hub:
+            from .hub import push_to_hub
+
+            url = push_to_hub(out_dir, cfg.output.push_to_hub, allow_patterns=PUSHED_FILES)
+            accelerator.print(f"pushed to {url}")
     accelerator.end_training()
-    return {"steps": counters.step, "skipped": counters.skipped, "history": history}
+    return {"steps": counters.step, "skipped": counters.skipped, "history": history, "lora": lora}
+
+
+PUSHED_FILES = ["pytorch_lora_weights.safetensors", "sb_finetune.json", "README.md", "config.yaml", "history.json", "samples/*"]
+
+
+def _cpu_only() -> bool:
+    """Run on the CPU: asked for (`accelerate launch --cpu`), or no accelerator present. On a machine without
+    GPUs, accelerate makes `--multi_gpu --num_processes 2` a gloo process group only when told it is on the CPU;
+    otherwise each process silently trains alone."""
+    from accelerate.utils import parse_flag_from_env
+
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not has_accelerator
+
+
+def _save_hook(accelerator, pipe, module, meta: dict, counters: Counters, cfg: Config):
+    def hook(models_, weights, output_dir):
+        if accelerator.is_main_process:
+            save_lora_control(pipe, module, output_dir, {**meta, "steps": counters.step, "skipped_steps": counters.skipped})
+            with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+        weights.clear()  # the adapter file above is the model state; accelerate keeps optimizer, RNG, counters
+
+    return hook
+
+
+def _load_hook(module):
+    def hook(models_, input_dir):
+        load_lora_control(module, input_dir)
+        models_.clear()  # loaded above; accelerate must not look for a full model file
+
+    return hook
+
+
+def _check_ranks_agree(accelerator, lora: dict) -> None:
+    """Gradients are all-reduced, so every rank must end with the same control; say so loudly if not."""
+    if accelerator.num_processes == 1:
+        return
+    local = torch.stack([torch.tensor([float(v.double().sum()), float(v.double().abs().sum())]) for v in lora.values()]).sum(0)
+    every = accelerator.gather(local.to(accelerator.device)[None]).cpu()
+    if not torch.allclose(every, every[0].expand_as(every), rtol=0, atol=1e-6):
+        raise RuntimeError(f"the LoRA weights differ across the {accelerator.num_processes} processes (checksums {every.tolist()}): "
+                           f"gradients were not synchronised")
+
+
+def _evaluator(accelerator, cfg: Config, pipe, module, family: str, schedule, prompts: list[str]):
+    """evaluate(step): on the main process, an image grid of eval prompts × seeds → samples/step_XXXXXX.png + trackers."""
+    from .evaluation import eval_grid, save_grid
+
+    eval_prompts = list(cfg.logging.eval_prompts) or prompts[:4]
+    if family == "unet2d":
+        eval_prompts = [""] * max(len(cfg.logging.eval_prompts), 4)
+    done = set()
+
+    def evaluate(step: int) -> None:
+        if not cfg.logging.eval_every or step in done or not accelerator.is_main_process:
+            return
+        done.add(step)
+        images, kl = eval_grid(pipe, getattr(module, "module", module), family, schedule, eval_prompts, cfg.logging.eval_seeds,
+                               cfg.sampler.guidance_scale, cfg.sampler.negative_prompt, cfg.model.resolution)
+        save_grid(images, len(cfg.logging.eval_seeds), os.path.join(cfg.output.dir, "samples", f"step_{step:06d}.png"))
+        for tracker in accelerator.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({"eval": images.permute(0, 2, 3, 1).numpy()}, step=step)
+        if cfg.logging.tracker != "none":
+            accelerator.log({"eval/kl": kl}, step=step)
+
+    return evaluate
+
+
+def _write_history(out_dir: str, history: list[dict]) -> None:
+    with open(os.path.join(out_dir, "history.json"), "w") as f:
+        json.dump(history, f)
+
+
+def _read_history(out_dir: str, step: int) -> list[dict]:
+    path = os.path.join(out_dir, "history.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)[:step]
 
 
 def _checkpoint_path(out_dir: str, resume: str) -> str:

@@ -202,7 +202,7 @@ def test_push_to_hub_uploads_the_folder_and_fails_clearly_offline(tmp_path, monk
             calls["create"] = repo_id
             return f"https://huggingface.co/{repo_id}"
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
+        def upload_folder(self, repo_id, folder_path, commit_message, allow_patterns=None):
             calls["upload"] = (repo_id, folder_path)
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)

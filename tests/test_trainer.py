@@ -24,7 +24,7 @@ def _nan_on_second_call(images, prompts):
 
 
 def _smoke(tmp_path, *extra):
-    return load_config(str(ROOT / "configs/smoke.yaml"), [f"output.dir={tmp_path}", "optim.steps=2", *extra])
+    return load_config(str(ROOT / "configs/smoke.yaml"), [f"output.dir={tmp_path}", "optim.steps=2", "logging.eval_every=0", *extra])
 
 
 def test_smoke_training_writes_a_diffusers_lora(tmp_path):
@@ -154,3 +154,72 @@ def test_non_differentiable_reward_is_refused_before_the_model_loads():
 
     with pytest.raises(ValueError, match=r"reward 'jpeg_like_test_only' is not differentiable"):
         build_reward(load_config(None, ["reward.name=jpeg_like_test_only"]))
+
+
+# ----------------------------------------------------------------------------- checkpoints, resume, many processes
+
+
+def test_resume_continues_exactly(tmp_path):
+    """4 steps straight == 2 steps, stop, `--resume latest` to 4: same adapter, same step count, same history."""
+    from sb_finetune.trainer import train
+
+    straight = train(_smoke(tmp_path / "straight", "optim.steps=4", "optim.lr=1e-2"))
+    first = train(_smoke(tmp_path / "split", "optim.steps=2", "optim.lr=1e-2", "output.checkpoint_every=2"))
+    checkpoint = tmp_path / "split" / "checkpoints" / "checkpoint_0"
+    assert (checkpoint / "pytorch_lora_weights.safetensors").exists() and (checkpoint / "config.yaml").exists()
+    assert not list(checkpoint.glob("model*.safetensors"))  # the LoRA, not the frozen model, per checkpoint
+    resumed = train(_smoke(tmp_path / "split", "optim.steps=4", "optim.lr=1e-2", "output.checkpoint_every=2"), resume="latest")
+    assert first["steps"] == 2 and resumed["steps"] == 4 and len(resumed["history"]) == 4
+    for k, v in straight["lora"].items():
+        assert torch.equal(v, resumed["lora"][k]), k
+    assert [h["reward_mean"] for h in straight["history"]] == [h["reward_mean"] for h in resumed["history"]]
+    assert any(not torch.equal(v, first["lora"][k]) for k, v in resumed["lora"].items())
+
+
+def test_eval_grids_are_written_before_during_and_after(tmp_path):
+    from PIL import Image
+
+    from sb_finetune.trainer import train
+
+    train(_smoke(tmp_path, "optim.steps=4", "logging.eval_every=2", "logging.eval_seeds=[0,1,2]",
+                 "logging.eval_prompts=[a cat, a dog]"))
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
+    assert grids == ["step_000000.png", "step_000002.png", "step_000004.png"]
+    width, height = Image.open(tmp_path / "samples" / "step_000000.png").size
+    assert (width, height) == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # 3 seeds × 2 prompts of 32 px, 2 px padding
+
+
+def test_two_processes_end_with_identical_trained_control(tmp_path):
+    """A real 2-process DDP run (gloo) through `accelerate launch`, as a user starts one."""
+    import socket
+
+    from sb_finetune.pipelines import SBStableDiffusionPipeline
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(ROOT / "tests" / "two_rank_worker.py"), str(ROOT / "configs" / "smoke.yaml"), str(tmp_path),
+           "optim.steps=2", "optim.lr=1e-2", "logging.eval_every=0"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ranks = sorted(p.name for p in tmp_path.glob("rank*.safetensors"))
+    assert ranks == ["rank0_of_2.safetensors", "rank1_of_2.safetensors"]  # really two processes
+    r0, r1 = (load_file(tmp_path / name) for name in ranks)
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    lora_b = [v for k, v in r0.items() if "lora_B" in k or "lora.up" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # moved off peft's zero init of B
+    pipe = SBStableDiffusionPipeline.from_finetuned(str(tmp_path))
+    out = pipe("a cat", num_inference_steps=4, output_type="pt", return_kl=True, generator=torch.Generator().manual_seed(0))
+    assert out.kl.sum() > 0
+
+
+@pytest.mark.parametrize("name", ["sd15_aesthetic", "sd15_hps_pickscore", "sdxl_aesthetic", "sd3_pickscore"])
+def test_gpu_configs_are_valid_and_say_what_to_download_when_offline(name, tmp_path):
+    cfg = load_config(str(ROOT / f"configs/{name}.yaml"))
+    assert cfg.model.pretrained and not cfg.model.pretrained.startswith("tiny:") and cfg.objective.checkpointing
+    assert Path(ROOT / cfg.prompts.file).is_file()
+    r = _run_train("--config", f"configs/{name}.yaml", f"output.dir={tmp_path}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-800:]
+    assert "huggingface-cli download" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-800:]
