@@ -47,51 +47,41 @@ def _text_to_image(pipe, prompt, height, width, num_inference_steps, guidance_sc
     return finish(pipe, result, output_type, return_dict, return_kl, return_trajectory)
 
 
-class SBStableDiffusionPipeline(SBFinetunedMixin, StableDiffusionPipeline):
-    sb_family = "sd"
+class SBTextToImageMixin(SBFinetunedMixin):
+    """The one `__call__` of the text-to-image pipelines; defaults per model from the class attributes."""
+
+    sb_default_steps: int = 50
+    sb_default_guidance: float = 7.5
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt: str | list[str] | None = None,
-                 num_images_per_prompt: int = 1, eta: float = 1.0, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-                 return_kl: bool = False, return_trajectory: bool = False, **unsupported):
-        """Sample with the SDE (η = `eta`; 1 = memoryless); `return_kl` adds the per-step KL to the base model."""
-        return _text_to_image(self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
-                              num_images_per_prompt, eta, "posterior", generator, latents, output_type, return_dict,
-                              callback_on_step_end, callback_on_step_end_tensor_inputs, return_kl, return_trajectory, unsupported)
-
-
-class SBStableDiffusionXLPipeline(SBFinetunedMixin, StableDiffusionXLPipeline):
-    sb_family = "sdxl"
-
-    @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 5.0, negative_prompt: str | list[str] | None = None,
-                 num_images_per_prompt: int = 1, eta: float = 1.0, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-                 return_kl: bool = False, return_trajectory: bool = False, **unsupported):
-        """Sample with the SDE (η = `eta`; 1 = memoryless); `return_kl` adds the per-step KL to the base model."""
-        return _text_to_image(self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
-                              num_images_per_prompt, eta, "posterior", generator, latents, output_type, return_dict,
-                              callback_on_step_end, callback_on_step_end_tensor_inputs, return_kl, return_trajectory, unsupported)
-
-
-class SBStableDiffusion3Pipeline(SBFinetunedMixin, StableDiffusion3Pipeline):
-    sb_family = "sd3"
-
-    @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 28, guidance_scale: float = 7.0, negative_prompt: str | list[str] | None = None,
-                 num_images_per_prompt: int = 1, eta: float = 1.0, flow_method: str = "posterior",
-                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True, callback_on_step_end=None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 1.0,
+                 flow_method: str = "posterior", generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), return_kl: bool = False,
                  return_trajectory: bool = False, **unsupported):
-        """Sample with the flow SDE: `flow_method` "posterior" (exact step, no singularity at σ = 1) or
-        "euler_maruyama"; η = `eta` (1 = memoryless). `return_kl` adds the per-step KL to the base model."""
-        return _text_to_image(self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
+        """Sample with the memoryless SDE (η = `eta`; 1 = memoryless, 0 = the adapted model's ODE).
+
+        Flow models (SD3): `flow_method` "posterior" (exact step, no singularity at σ = 1) or "euler_maruyama".
+        `return_kl` adds the per-step KL of each path to the base model (nats), `return_trajectory` the states.
+        Returns `SBPipelineOutput(images, kl, trajectory)`, or that tuple with `return_dict=False`."""
+        return _text_to_image(self, prompt, height, width, num_inference_steps or self.sb_default_steps,
+                              self.sb_default_guidance if guidance_scale is None else guidance_scale, negative_prompt,
                               num_images_per_prompt, eta, flow_method, generator, latents, output_type, return_dict,
                               callback_on_step_end, callback_on_step_end_tensor_inputs, return_kl, return_trajectory, unsupported)
+
+
+class SBStableDiffusionPipeline(SBTextToImageMixin, StableDiffusionPipeline):
+    sb_family = "sd"
+
+
+class SBStableDiffusionXLPipeline(SBTextToImageMixin, StableDiffusionXLPipeline):
+    sb_family = "sdxl"
+    sb_default_guidance = 5.0
+
+
+class SBStableDiffusion3Pipeline(SBTextToImageMixin, StableDiffusion3Pipeline):
+    sb_family = "sd3"
+    sb_default_steps = 28
+    sb_default_guidance = 7.0

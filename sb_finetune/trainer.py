@@ -132,7 +132,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             idx = torch.randint(len(prompts), (b,), generator=g, device=accelerator.device).tolist()
             batch_prompts = [prompts[i] for i in idx]
             with accelerator.accumulate(ddp_module):
-                cond = models.encode(pipe, family, batch_prompts, b, cfg.sampler.guidance_scale, cfg.sampler.negative_prompt)
+                cond = models.encode(pipe, family, batch_prompts, b, cfg.sampler.guidance_scale, cfg.sampler.negative_prompt or None)
                 policy = models.make_denoiser(ddp_module, family, cond, DTYPES[cfg.model.dtype])
                 base = base_denoiser(models.make_denoiser(module, family, cond, DTYPES[cfg.model.dtype]), module)
                 x0 = models.start_noise(pipe, models.latent_shape(pipe, family, b, cfg.model.resolution), g, accelerator.device)
