@@ -162,7 +162,7 @@ def sample(pipe, cond: models.Conditioning, shape: tuple[int, ...], *, num_infer
     if callback is not None:
         def on_step(k: int, x: torch.Tensor):
             tensors = {"latents": x, **(extra_tensors or {})}
-            out = callback(pipe, k, schedule.timesteps[k], {name: tensors[name] for name in callback_tensor_inputs})
+            out = callback(pipe, k, schedule.timesteps[k], {name: tensors.get(name) for name in callback_tensor_inputs})
             return (out or {}).get("latents")
 
     return rollout(policy, base, schedule, x, window=0, generator=generator, return_trajectory=return_trajectory,
