@@ -5,7 +5,7 @@ import sys
 
 from sb_finetune.config import ConfigError, load_config
 
-DEFAULT_CONFIG = "configs/smoke.yaml"  # the built-in default until the digits model ships
+DEFAULT_CONFIG = "configs/digits.yaml"  # the built-in default: the shipped digits DDPM and classifier
 
 
 def main(argv=None) -> int:

@@ -83,6 +83,10 @@ def _load_base(cls, base, kwargs: dict):
         raise ValueError(f"{cls.__name__}.from_finetuned: no base model (none in the metadata); pass base=")
     if isinstance(base, DiffusionPipeline):
         return _from_components(cls, base.components)
+    if str(base) == "builtin:digits":  # the shipped digits DDPM
+        from sb_finetune.digits import BASE_DIR
+
+        base = BASE_DIR
     if str(base).startswith("tiny:"):
         from sb_finetune.testing import TINY_PIPELINES
 
@@ -158,15 +162,13 @@ def sample(pipe, cond: models.Conditioning, shape: tuple[int, ...], *, num_infer
     else:
         x = models.start_noise(pipe, shape, generator, device)
 
-    on_step = None
-    if callback is not None:
-        def on_step(k: int, x: torch.Tensor):
-            tensors = {"latents": x, **(extra_tensors or {})}
-            out = callback(pipe, k, schedule.timesteps[k], {name: tensors.get(name) for name in callback_tensor_inputs})
-            return (out or {}).get("latents")
+    def on_step(k: int, x: torch.Tensor):  # diffusers' callback_on_step_end; it may replace the latents
+        tensors = {"latents": x, **(extra_tensors or {})}
+        out = callback(pipe, k, schedule.timesteps[k], {name: tensors.get(name) for name in callback_tensor_inputs})
+        return (out or {}).get("latents")
 
     return rollout(policy, base, schedule, x, window=0, generator=generator, return_trajectory=return_trajectory,
-                   on_step=on_step, compute_kl=return_kl)
+                   on_step=on_step if callback is not None else None, compute_kl=return_kl)
 
 
 def finish(pipe, result: Rollout, output_type: str, return_dict: bool, return_kl: bool, return_trajectory: bool):

@@ -6,6 +6,6 @@ prompts a list of B strings. A reward says whether gradients flow through it (`d
 
 from .registry import Reward, WeightedSum, check_reward_output, list_rewards, load_reward, non_finite_message, register_reward
 from . import simple  # noqa: F401  (registers the weight-free built-ins)
-from . import clip, jpeg, pickscore  # noqa: F401  (register the model-based built-ins; heavy imports happen on construction)
+from . import clip, digit, jpeg, pickscore  # noqa: F401  (register the model-based built-ins; heavy imports happen on construction)
 
 __all__ = ["Reward", "WeightedSum", "check_reward_output", "list_rewards", "load_reward", "non_finite_message", "register_reward"]

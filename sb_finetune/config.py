@@ -87,6 +87,7 @@ class LoggingConfig:
     eval_every: int = 0  # image grid of eval prompts × seeds at step 0, every n steps and at the end; 0 = off
     eval_prompts: list[str] = field(default_factory=list)  # [] = the first 4 training prompts
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # one grid column per seed
+    summary_samples: int = 0  # > 0: before and after training, that many samples → summary.json, grids, curves.png
 
 
 @dataclass

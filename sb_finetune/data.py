@@ -15,7 +15,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def load_pipeline(cfg: ModelConfig):
     """A diffusers pipeline: `tiny:<name>` from the kit, else `DiffusionPipeline.from_pretrained` (hub id or folder)."""
-    if cfg.pretrained.startswith("tiny:"):
+    if cfg.pretrained == "builtin:digits":  # the shipped DDPM (sb_finetune.digits)
+        from diffusers import DDPMPipeline
+
+        from .digits import BASE_DIR
+
+        pipe = DDPMPipeline.from_pretrained(BASE_DIR)
+    elif cfg.pretrained.startswith("tiny:"):
         from .testing import TINY_PIPELINES
 
         name = cfg.pretrained.split(":", 1)[1]

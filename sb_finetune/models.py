@@ -130,7 +130,8 @@ def start_noise(pipe, shape, generator: torch.Generator | None, device) -> Tenso
 def decode(pipe, family: str, latents: Tensor) -> Tensor:
     """Latents → images in [0, 1], [B, 3, H, W], differentiable (the reward's gradient flows back)."""
     if family == "unet2d":
-        return (latents / 2 + 0.5).clamp(0, 1)
+        images = (latents / 2 + 0.5).clamp(0, 1)
+        return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images  # rewards take RGB
     vae = pipe.vae
     z = latents / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)

@@ -74,6 +74,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                            f"({accelerator.distributed_type}): each would train alone. On CPUs use `accelerate launch "
                            f"--multi_gpu --num_processes {launched}`")
     set_seed(cfg.optim.seed, device_specific=True)
+    if accelerator.device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormal floats slow CPU math several-fold as small weights decay
     reward = build_reward(cfg)  # fails fast on an unknown reward, before the model loads
     prompts = load_prompts(cfg.prompts)
 
@@ -114,8 +116,10 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     if cfg.logging.tracker != "none":
         accelerator.init_trackers(cfg.logging.project)
     evaluate = _evaluator(accelerator, cfg, pipe, module, family, schedule, prompts)
+    started = time.time()
     if counters.step == 0:
         evaluate(0)
+        _summary(accelerator, cfg, pipe, module, family, schedule, reward, prompts, "before")
 
     # ---- the loop
     b = cfg.optim.batch_size
@@ -180,6 +184,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             evaluate(counters.step)
     bar.close()
     evaluate(counters.step)
+    _summary(accelerator, cfg, pipe, module, family, schedule, reward, prompts, "after",
+             {"steps": counters.step, "seconds": round(time.time() - started, 1)}, history)
 
     # ---- the result: adapter + metadata + model card + resolved config; every rank holds the same control
     accelerator.wait_for_everyone()
@@ -263,6 +269,33 @@ def _evaluator(accelerator, cfg: Config, pipe, module, family: str, schedule, pr
             accelerator.log({"eval/kl": kl}, step=step)
 
     return evaluate
+
+
+def _summary(accelerator, cfg: Config, pipe, module, family: str, schedule, reward, prompts: list[str], when: str,
+             extra: dict | None = None, history: list[dict] | None = None) -> None:
+    """With logging.summary_samples: numbers on fresh samples "before"/"after" training → summary.json,
+    samples_<when>.png (the first 64) and, after, curves.png of reward and KL over the steps."""
+    if not cfg.logging.summary_samples or not accelerator.is_main_process:
+        return
+    from .evaluation import save_curves, save_grid, summarize
+
+    numbers, images = summarize(pipe, getattr(module, "module", module), family, schedule, reward, prompts,
+                                cfg.logging.summary_samples, 4 * cfg.optim.batch_size, guidance_scale=cfg.sampler.guidance_scale,
+                                negative_prompt=cfg.sampler.negative_prompt, resolution=cfg.model.resolution)
+    save_grid(images[:64], 8, os.path.join(cfg.output.dir, f"samples_{when}.png"))
+    path = os.path.join(cfg.output.dir, "summary.json")
+    summary = {}
+    if when == "after" and os.path.isfile(path):
+        with open(path) as f:
+            summary = json.load(f)
+    summary.update(extra or {})
+    summary.update({f"{k}_{when}": v for k, v in numbers.items()})
+    summary["samples"] = cfg.logging.summary_samples
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    if history:
+        save_curves(history, os.path.join(cfg.output.dir, "curves.png"))
+    accelerator.print(f"summary ({when}): " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
 
 
 def _write_history(out_dir: str, history: list[dict]) -> None:

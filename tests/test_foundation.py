@@ -1,6 +1,5 @@
 """The package installs under the right names and the tiny-model kit builds real pipelines offline."""
 
-import os
 import subprocess
 import sys
 

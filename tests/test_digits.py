@@ -1,0 +1,60 @@
+"""The shipped digits models: the classifier reads real digits, the DDPM draws digits of every class, the reward works."""
+
+import torch
+from safetensors import safe_open
+
+from sb_finetune.digits import BASE_DIR, CLASSIFIER_FILE, load_digits_tensor
+from sb_finetune.rewards import load_reward
+
+
+def test_shipped_classifier_reads_the_digits():
+    x, y = load_digits_tensor()
+    reward = load_reward("digit", target=3)
+    images = ((x + 1) / 2).expand(-1, 3, -1, -1)  # as the trainer hands them over: RGB in [0, 1]
+    with torch.no_grad():
+        accuracy = float((reward.logits(images).argmax(1) == y).float().mean())
+    with safe_open(CLASSIFIER_FILE, framework="pt") as f:
+        held_out = float(f.metadata()["held_out_accuracy"])
+    assert accuracy > 0.98 and held_out > 0.97
+
+
+def test_digit_reward_is_log_probability_of_the_target_with_pixel_gradients():
+    x, y = load_digits_tensor()
+    images = ((x[:8] + 1) / 2).expand(-1, 3, -1, -1).clone().requires_grad_(True)
+    out = load_reward("digit", target=int(y[0]))(images, [""] * 8)
+    assert out.shape == (8,) and (out <= 0).all() and out[0] > -0.1  # a real image of the target: p ≈ 1
+    out.sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+def test_shipped_ddpm_draws_every_digit():
+    from sb_finetune.pipelines import SBDDPMPipeline
+
+    pipe = SBDDPMPipeline.from_pretrained(BASE_DIR)
+    out = pipe(batch_size=200, num_inference_steps=50, output_type="pt", generator=torch.Generator().manual_seed(0))
+    reward = load_reward("digit", target=0)
+    with torch.no_grad():
+        probs = torch.softmax(reward.logits(out.images), dim=1)
+    counts = torch.bincount(probs.argmax(1), minlength=10)
+    assert (counts >= 5).all() and counts.max() <= 50, counts.tolist()  # every class, none dominant (base ≈ 1/10 each)
+    assert probs.max(1).values.mean() > 0.8  # the classifier is sure: the samples look like digits
+
+
+def test_a_short_default_run_raises_the_reward_and_writes_its_summary(tmp_path):
+    import json
+
+    from sb_finetune.config import load_config
+    from sb_finetune.trainer import train
+
+    from pathlib import Path
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs/digits.yaml"), [f"output.dir={tmp_path}", "optim.steps=4", "optim.batch_size=16",
+                                              "logging.summary_samples=64"])
+    train(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["kl_before"] == 0.0 and summary["kl_after"] > 0
+    assert summary["reward_mean_after"] > summary["reward_mean_before"] + 1.0
+    assert summary["target_fraction_after"] > summary["target_fraction_before"]
+    assert {"diversity_after", "diversity_real_after", "seconds"} <= set(summary)
+    for name in ("samples_before.png", "samples_after.png", "curves.png", "pytorch_lora_weights.safetensors"):
+        assert (tmp_path / name).exists(), name
