@@ -83,14 +83,11 @@ def _load_base(cls, base, kwargs: dict):
         raise ValueError(f"{cls.__name__}.from_finetuned: no base model (none in the metadata); pass base=")
     if isinstance(base, DiffusionPipeline):
         return _from_components(cls, base.components)
-    if str(base) == "builtin:digits":  # the shipped digits DDPM
-        from sb_finetune.digits import BASE_DIR
+    if str(base).startswith(("tiny:", "builtin:")):  # the kit and the shipped models: the trainer's resolver
+        from sb_finetune.config import ModelConfig
+        from sb_finetune.data import load_pipeline
 
-        base = BASE_DIR
-    if str(base).startswith("tiny:"):
-        from sb_finetune.testing import TINY_PIPELINES
-
-        return _from_components(cls, TINY_PIPELINES[str(base)[5:]]().components)
+        return _from_components(cls, load_pipeline(ModelConfig(pretrained=str(base))).components)
     try:
         pipe = cls.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as err:

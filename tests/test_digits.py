@@ -58,3 +58,8 @@ def test_a_short_default_run_raises_the_reward_and_writes_its_summary(tmp_path):
     assert {"diversity_after", "diversity_real_after", "seconds"} <= set(summary)
     for name in ("samples_before.png", "samples_after.png", "curves.png", "pytorch_lora_weights.safetensors"):
         assert (tmp_path / name).exists(), name
+    from sb_finetune.pipelines import SBDDPMPipeline, load_finetuned
+
+    pipe = load_finetuned(str(tmp_path))  # base "builtin:digits" + the adapter, in one line
+    out = pipe(batch_size=4, num_inference_steps=20, output_type="pt", return_kl=True, generator=torch.Generator().manual_seed(0))
+    assert isinstance(pipe, SBDDPMPipeline) and out.images.shape == (4, 3, 16, 16) and out.kl.sum() > 0
