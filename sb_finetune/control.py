@@ -60,11 +60,14 @@ def _tuner_layers(module: torch.nn.Module) -> list:
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
-@contextlib.contextmanager
-def adapter_disabled(module: torch.nn.Module) -> Iterator[None]:
+def adapter_disabled(module: torch.nn.Module):
     """The base process: the same module, adapter off (its frozen weights; no second copy). On exit each
     layer returns to the state it had (a user's `disable_lora()` stays in force)."""
-    layers = _tuner_layers(getattr(module, "module", module))
+    return _layers_disabled(_tuner_layers(getattr(module, "module", module)))
+
+
+@contextlib.contextmanager
+def _layers_disabled(layers: list) -> Iterator[None]:
     was_disabled = [m.disable_adapters for m in layers]
     for m in layers:
         m.enable_adapters(False)
@@ -76,10 +79,12 @@ def adapter_disabled(module: torch.nn.Module) -> Iterator[None]:
 
 
 def base_denoiser(policy: Denoiser, module: torch.nn.Module) -> Denoiser:
-    """The base prediction: `policy`'s own call with `module`'s adapter disabled."""
+    """The base prediction: `policy`'s own call with `module`'s adapter disabled. The adapter's layers are
+    found once here, not on every call (a module walk per sampling step)."""
+    layers = _tuner_layers(getattr(module, "module", module))
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with adapter_disabled(module):
+        with _layers_disabled(layers):
             return policy(x, t)
 
     return predict
