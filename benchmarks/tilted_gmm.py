@@ -47,12 +47,13 @@ def setup(family: str, eta: float, method: str | None):
     return gmm, make_schedule(FlowMatchEulerDiscreteScheduler(shift=1.0), N, eta, flow_method=method), gmm.flow_denoiser()
 
 
-def run(name: str, iters: int, batch: int, seed: int = 0, lr: float = 1e-2, final_lr: float = 1e-4, hidden: int = 64) -> dict:
+def run(name: str, iters: int, batch: int, seed: int = 0, lr: float = 1e-2, final_lr: float = 1e-4, hidden: int = 64,
+        time_features: int = 4) -> dict:
     family, eta, window, method = RUNS[name]
     gmm, schedule, base = setup(family, eta, method)
     target = gmm.tilted(A.double(), ALPHA)
     torch.manual_seed(seed)
-    control = MLPControl(base, hidden=hidden)
+    control = MLPControl(base, hidden=hidden, time_features=time_features)
     t0 = time.time()
     fit_control(control, schedule, lambda x: x @ A, ALPHA, iterations=iters, batch=batch, window=window, seed=seed,
                 lr=lr, final_lr=final_lr)
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2, help="initial learning rate (cosine decay to --final-lr)")
     parser.add_argument("--final-lr", type=float, default=1e-4)
     parser.add_argument("--hidden", type=int, default=64, help="control network width")
+    parser.add_argument("--time-features", type=int, default=4, help="sin/cos features of t fed to the control network (0: t alone)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     gmm = three_blobs()
@@ -88,7 +90,8 @@ def main() -> None:
     print(f"{'run':18s} {'weights_err':>11s} {'means_err':>9s} {'obj_gap':>8s} {'KL':>7s} {'sec':>6s}")
     rows = []
     for name in args.runs:
-        row = run(name, args.iters, args.batch, lr=args.lr, final_lr=args.final_lr, hidden=args.hidden)
+        row = run(name, args.iters, args.batch, lr=args.lr, final_lr=args.final_lr, hidden=args.hidden,
+                  time_features=args.time_features)
         rows.append(row)
         print(f"{name:18s} {row['weights_err']:11.4f} {row['means_err']:9.4f} {row['objective_gap']:8.4f} {row['kl']:7.4f} {row['seconds']:6.1f}", flush=True)
     if args.json:

@@ -43,17 +43,26 @@ class Digit(Reward):
         return F.log_softmax(self.logits(images), dim=-1)[:, self.target]
 
     @torch.no_grad()
-    def metrics(self, images: Tensor) -> dict[str, float]:
+    def metrics(self, images: Tensor, weights: Tensor | None = None) -> dict[str, float]:
         """target_fraction (share the classifier assigns to the target), and the diversity of those samples —
-        mean pairwise distance of classifier features — beside the same for real images of the class."""
-        from sb_finetune.digits import load_digits_tensor
+        mean pairwise distance of classifier features — beside the same for real images of the class.
 
-        logits = self.logits(images)
-        hits = images[logits.argmax(1) == self.target]
-        x, y = load_digits_tensor()
-        real = ((x[y == self.target] + 1) / 2).expand(-1, 3, -1, -1)
-        return {"target_fraction": float((logits.argmax(1) == self.target).float().mean()),
-                "diversity": self._spread(hits) if len(hits) > 1 else 0.0, "diversity_real": self._spread(real)}
+        weights: importance weights of the samples (sum 1), e.g. base samples reweighted to the tilted optimum;
+        then only the weighted target_fraction (a weighted diversity is not defined here)."""
+        hit = (self.logits(images).argmax(1) == self.target).float()
+        if weights is not None:
+            return {"target_fraction": float((weights.to(hit) * hit).sum())}
+        return {"target_fraction": float(hit.mean()), "diversity": self._spread(images[hit.bool()]) if hit.sum() > 1 else 0.0,
+                "diversity_real": self._spread(self._real_images().to(images.device))}
+
+    def _real_images(self) -> Tensor:
+        """The target class's real digits, RGB in [0, 1] (loaded once)."""
+        if not hasattr(self, "_real"):
+            from sb_finetune.digits import load_digits_tensor
+
+            x, y = load_digits_tensor()
+            self._real = ((x[y == self.target] + 1) / 2).expand(-1, 3, -1, -1)
+        return self._real
 
     def _spread(self, images: Tensor) -> float:
         return float(torch.pdist(self.classifier.features(self._prepare(images))).mean())

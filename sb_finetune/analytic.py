@@ -107,22 +107,26 @@ def three_blobs() -> GaussianMixture:
 
 
 class MLPControl(torch.nn.Module):
-    """A small control network for low-dimensional tests: policy(x, t) = base(x, t) + net(x, t/T).
+    """A small control network for low-dimensional tests: policy(x, t) = base(x, t) + net(x, features(t/T)).
 
-    The last layer starts at zero, so training starts from the base process (zero control)."""
+    features: t/T, plus sin/cos(π j t/T) for j = 1..time_features (the control's dependence on time is steep
+    near the data end). The last layer starts at zero, so training starts from the base process (zero control)."""
 
-    def __init__(self, base: Denoiser, dim: int = 2, hidden: int = 64, t_scale: float = 1000.0):
+    def __init__(self, base: Denoiser, dim: int = 2, hidden: int = 64, t_scale: float = 1000.0, time_features: int = 0):
         super().__init__()
         self.base, self.t_scale = base, t_scale
+        self.register_buffer("freqs", math.pi * torch.arange(1, time_features + 1, dtype=torch.float32))
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(dim + 1, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, dim)
+            torch.nn.Linear(dim + 1 + 2 * time_features, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
+            torch.nn.Linear(hidden, dim)
         )
         torch.nn.init.zeros_(self.net[-1].weight)
         torch.nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        tt = torch.full((x.shape[0], 1), float(t) / self.t_scale, dtype=x.dtype, device=x.device)
-        return self.base(x, t) + self.net(torch.cat([x, tt], dim=1))
+        tau = float(t) / self.t_scale
+        feats = torch.cat([torch.tensor([tau]), torch.sin(self.freqs * tau), torch.cos(self.freqs * tau)]).to(x)
+        return self.base(x, t) + self.net(torch.cat([x, feats.expand(x.shape[0], -1)], dim=1))
 
 
 def fit_control(

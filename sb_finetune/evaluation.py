@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 
 from . import models
 from .control import base_denoiser
+from .objective import tilted_optimum
 from .rollout import rollout
 
 
@@ -39,9 +41,13 @@ def save_grid(images: torch.Tensor, columns: int, path: str) -> None:
 
 @torch.no_grad()
 def summarize(pipe, module, family: str, schedule, reward, prompts: list[str], n: int, batch: int, seed: int = 12345,
-              guidance_scale: float = 1.0, negative_prompt: str | None = None, resolution: int | None = None) -> tuple[dict, torch.Tensor]:
-    """On n fresh samples of the current control (fixed seed): reward mean/std, path KL to the base (nats), and
-    the reward's own `metrics(images)` if it has one. Returns (numbers, images)."""
+              guidance_scale: float = 1.0, negative_prompt: str | None = None, resolution: int | None = None,
+              alpha: float = 1.0, optimum: bool = False) -> tuple[dict, torch.Tensor]:
+    """On n fresh samples of the current control (fixed seed): reward mean/std, path KL to the base (nats), the
+    objective alpha·KL − E[R], and the reward's own `metrics(images)` if it has one. Returns (numbers, images).
+
+    optimum: the samples are the base model's; also estimate what the optimal control reaches (`tilted_optimum`)
+    under numbers["optimum"], with the reward's metrics reweighted to p* if it takes `weights`."""
     device = next(module.parameters()).device
     g = torch.Generator(device).manual_seed(seed)
     images, rewards, kls = [], [], []
@@ -56,9 +62,16 @@ def summarize(pipe, module, family: str, schedule, reward, prompts: list[str], n
         rewards.append(reward(decoded, chunk).float().cpu())
         kls.append(out.kl.sum(1).cpu())
     images, r, kl = torch.cat(images), torch.cat(rewards), torch.cat(kls)
-    numbers = {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "kl": float(kl.mean())}
+    numbers = {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "kl": float(kl.mean()),
+               "objective": alpha * float(kl.mean()) - float(r.mean())}
     if hasattr(reward, "metrics"):
         numbers.update(reward.metrics(images.to(device)))
+    if optimum:
+        best = tilted_optimum(r, alpha)
+        numbers["optimum"] = {"objective": best.objective, "kl": best.kl, "reward_mean": best.reward_mean,
+                              "effective_samples": best.ess}
+        if "weights" in inspect.signature(getattr(reward, "metrics", lambda images: None)).parameters:
+            numbers["optimum"].update(reward.metrics(images.to(device), weights=best.weights.to(device)))
     return numbers, images
 
 
@@ -66,14 +79,14 @@ def save_curves(history: list[dict], path: str, keys: tuple[str, ...] = ("reward
     """A PNG with one panel per key over the training steps (PIL only: no plotting dependency)."""
     from PIL import Image, ImageDraw
 
-    w, h, pad = 480, 220, 40
+    w, h, pad = 480, 220, 64
     canvas = Image.new("RGB", (w, h * len(keys)), "white")
     draw = ImageDraw.Draw(canvas)
     for panel, key in enumerate(keys):
         values = [float(row[key]) for row in history if key in row and row[key] == row[key]]
         top = panel * h
         draw.rectangle([pad, top + 10, w - 10, top + h - pad], outline="black")
-        draw.text((pad, top), f"{key}  (step 1–{len(values)})", fill="black")
+        draw.text((pad, top), f"{key}  (steps 1-{len(values)})", fill="black")
         if len(values) < 2:
             continue
         lo, hi = min(values), max(values)

@@ -56,3 +56,27 @@ def soc_loss(reward: Tensor, kl: Tensor, alpha: float, window: int = 0) -> LossP
 def is_finite(*values: Tensor | float) -> bool:
     """True when every value is finite (a step with a NaN/inf loss or reward must not reach the weights)."""
     return all(bool(torch.isfinite(v).all()) if isinstance(v, Tensor) else math.isfinite(v) for v in values)
+
+
+@dataclass
+class TiltedOptimum:
+    """The optimum p* ∝ p_base · exp(R / alpha), estimated from base samples by self-normalised importance weights."""
+
+    weights: Tensor  # [n] w_i ∝ exp(R_i / alpha), sum 1
+    log_z: float  # log E_base[exp(R / alpha)]
+    objective: float  # −alpha · log Z: the least value of alpha · KL − E[R]
+    reward_mean: float  # E_p*[R]
+    kl: float  # KL(p* || p_base) = E_p*[R] / alpha − log Z, nats
+    ess: float  # effective sample size 1 / Σ w_i²: how far to trust the estimate
+
+
+def tilted_optimum(reward: Tensor, alpha: float) -> TiltedOptimum:
+    """What the best control reaches, from the rewards R_i of n samples of the *base* model.
+
+    With a memoryless sampler the SOC optimum is the base tilted by exp(R / alpha) (DESIGN.md); its objective is
+    −alpha·log Z, so a trained control's alpha·KL − E[R] must sit above it (up to sampling noise)."""
+    logw = reward.detach().double().flatten() / alpha
+    log_z = float(torch.logsumexp(logw, 0) - math.log(logw.numel()))
+    w = torch.softmax(logw, 0)
+    r_mean = float((w * reward.detach().double().flatten()).sum())
+    return TiltedOptimum(w.float(), log_z, -alpha * log_z, r_mean, r_mean / alpha - log_z, float(1 / (w * w).sum()))

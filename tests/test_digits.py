@@ -55,7 +55,10 @@ def test_a_short_default_run_raises_the_reward_and_writes_its_summary(tmp_path):
     assert summary["steps"] == 4 and summary["kl_before"] == 0.0 and summary["kl_after"] > 0
     assert summary["reward_mean_after"] > summary["reward_mean_before"] + 1.0
     assert summary["target_fraction_after"] > summary["target_fraction_before"]
-    assert {"diversity_after", "diversity_real_after", "seconds"} <= set(summary)
+    assert {"diversity_after", "diversity_real_after", "seconds", "objective_after"} <= set(summary)
+    # the optimum's reference, from the base samples: p_base(0) ≈ 0.11, so −log Z ≈ 2.2 nats, most mass on 0s
+    best = summary["optimum"]
+    assert 1.0 < best["objective"] < 3.5 and 0 < best["kl"] < best["objective"] and best["target_fraction"] > 0.7
     for name in ("samples_before.png", "samples_after.png", "curves.png", "pytorch_lora_weights.safetensors"):
         assert (tmp_path / name).exists(), name
     from sb_finetune.pipelines import SBDDPMPipeline, load_finetuned

@@ -342,3 +342,20 @@ def test_kl_only_objective_returns_a_perturbed_control_to_the_base():
     history = fit_control(control, s, lambda x: torch.zeros(x.shape[0]), 1.0, iterations=120, batch=128, lr=1e-2)
     assert history[0] > 0.5
     assert sum(history[-10:]) / 10 < 0.03 * history[0]
+
+
+def test_tilted_optimum_from_base_samples_matches_the_closed_form():
+    """The summary's reference point: from base samples alone, log Z, E_p*[R] and KL(p* || p) of the tilted optimum."""
+    from sb_finetune.objective import tilted_optimum
+
+    gmm = three_blobs()
+    x = gmm.sample(40000, torch.Generator().manual_seed(3))
+    for alpha in (1.0, 0.5):
+        best = tilted_optimum(x @ A, alpha)
+        target = gmm.tilted(A, alpha)
+        reward_star = float(target.weights @ (target.means @ A))  # E_p*[aᵀx]
+        log_z = gmm.log_z(A, alpha)
+        assert abs(best.log_z - log_z) < 0.02 and abs(best.objective + alpha * log_z) < 0.02
+        assert abs(best.reward_mean - reward_star) < 0.04
+        assert abs(best.kl - (reward_star / alpha - log_z)) < 0.08
+        assert 0.2 * len(x) < best.ess < len(x) and abs(float(best.weights.sum()) - 1) < 1e-5

@@ -223,3 +223,19 @@ def test_gpu_configs_are_valid_and_say_what_to_download_when_offline(name, tmp_p
     r = _run_train("--config", f"configs/{name}.yaml", f"output.dir={tmp_path}")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-800:]
     assert "huggingface-cli download" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-800:]
+
+
+def test_cpu_threads_share_the_physical_cores_among_local_processes(monkeypatch):
+    """`accelerate launch` leaves OMP_NUM_THREADS=1 without --cpu; the trainer spreads the cores itself."""
+    import psutil
+
+    from sb_finetune.trainer import _cpu_threads
+
+    cores = psutil.cpu_count(logical=False) or 1
+    monkeypatch.delenv("SB_FINETUNE_CPU_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert _cpu_threads() == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
+    assert _cpu_threads() == 1  # never zero
+    monkeypatch.setenv("SB_FINETUNE_CPU_THREADS", "3")
+    assert _cpu_threads() == 3
