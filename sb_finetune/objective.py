@@ -75,8 +75,9 @@ def tilted_optimum(reward: Tensor, alpha: float) -> TiltedOptimum:
 
     With a memoryless sampler the SOC optimum is the base tilted by exp(R / alpha) (DESIGN.md); its objective is
     −alpha·log Z, so a trained control's alpha·KL − E[R] must sit above it (up to sampling noise)."""
-    logw = reward.detach().double().flatten() / alpha
-    log_z = float(torch.logsumexp(logw, 0) - math.log(logw.numel()))
+    r = reward.detach().double().flatten()
+    logw = r / alpha
+    log_z = float(torch.logsumexp(logw, 0) - math.log(r.numel()))
     w = torch.softmax(logw, 0)
-    r_mean = float((w * reward.detach().double().flatten()).sum())
+    r_mean = float((w * r).sum())
     return TiltedOptimum(w.float(), log_z, -alpha * log_z, r_mean, r_mean / alpha - log_z, float(1 / (w * w).sum()))

@@ -14,6 +14,7 @@ from . import models
 from .config import Config, to_yaml
 from .control import add_lora_control, base_denoiser, load_lora_control, lora_state_dict, save_lora_control
 from .data import DTYPES, load_pipeline, load_prompts
+from .evaluation import make_evaluator, write_summary
 from .objective import is_finite, soc_loss
 from .rewards import non_finite_message
 from .rollout import rollout
@@ -116,11 +117,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             f.write(to_yaml(cfg))
     if cfg.logging.tracker != "none":
         accelerator.init_trackers(cfg.logging.project)
-    evaluate = _evaluator(accelerator, cfg, pipe, module, family, schedule, prompts)
+    evaluate = make_evaluator(accelerator, cfg, pipe, module, family, schedule, prompts)
     started = time.time()
     if counters.step == 0:
         evaluate(0)
-        _summary(accelerator, cfg, pipe, module, family, schedule, reward, prompts, "before")
+        write_summary(accelerator, cfg, pipe, module, family, schedule, reward, prompts, "before")
 
     # ---- the loop
     b = cfg.optim.batch_size
@@ -185,7 +186,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             evaluate(counters.step)
     bar.close()
     evaluate(counters.step)
-    _summary(accelerator, cfg, pipe, module, family, schedule, reward, prompts, "after",
+    write_summary(accelerator, cfg, pipe, module, family, schedule, reward, prompts, "after",
              {"steps": counters.step, "seconds": round(time.time() - started, 1)}, history)
 
     # ---- the result: adapter + metadata + model card + resolved config; every rank holds the same control
@@ -257,64 +258,6 @@ def _check_ranks_agree(accelerator, lora: dict) -> None:
     if not torch.allclose(every, every[0].expand_as(every), rtol=0, atol=1e-6):
         raise RuntimeError(f"the LoRA weights differ across the {accelerator.num_processes} processes (checksums {every.tolist()}): "
                            f"gradients were not synchronised")
-
-
-def _evaluator(accelerator, cfg: Config, pipe, module, family: str, schedule, prompts: list[str]):
-    """evaluate(step): on the main process, an image grid of eval prompts × seeds → samples/step_XXXXXX.png + trackers."""
-    from .evaluation import eval_grid, save_grid
-
-    eval_prompts = list(cfg.logging.eval_prompts) or prompts[:4]
-    if family == "unet2d":
-        eval_prompts = [""] * max(len(cfg.logging.eval_prompts), 4)
-    done = set()
-
-    def evaluate(step: int) -> None:
-        if not cfg.logging.eval_every or step in done or not accelerator.is_main_process:
-            return
-        done.add(step)
-        images, kl = eval_grid(pipe, getattr(module, "module", module), family, schedule, eval_prompts, cfg.logging.eval_seeds,
-                               cfg.sampler.guidance_scale, cfg.sampler.negative_prompt, cfg.model.resolution)
-        save_grid(images, len(cfg.logging.eval_seeds), os.path.join(cfg.output.dir, "samples", f"step_{step:06d}.png"))
-        for tracker in accelerator.trackers:
-            if hasattr(tracker, "log_images"):
-                tracker.log_images({"eval": images.permute(0, 2, 3, 1).numpy()}, step=step)
-        if cfg.logging.tracker != "none":
-            accelerator.log({"eval/kl": kl}, step=step)
-
-    return evaluate
-
-
-def _summary(accelerator, cfg: Config, pipe, module, family: str, schedule, reward, prompts: list[str], when: str,
-             extra: dict | None = None, history: list[dict] | None = None) -> None:
-    """With logging.summary_samples: numbers on fresh samples "before"/"after" training → summary.json,
-    samples_<when>.png (the first 64) and, after, curves.png of reward and KL over the steps."""
-    if not cfg.logging.summary_samples or not accelerator.is_main_process:
-        return
-    from .evaluation import save_curves, save_grid, summarize
-
-    numbers, images = summarize(pipe, getattr(module, "module", module), family, schedule, reward, prompts,
-                                cfg.logging.summary_samples, 4 * cfg.optim.batch_size, guidance_scale=cfg.sampler.guidance_scale,
-                                negative_prompt=cfg.sampler.negative_prompt, resolution=cfg.model.resolution,
-                                alpha=cfg.objective.alpha, optimum=when == "before")
-    optimum = numbers.pop("optimum", None)
-    save_grid(images[:64], 8, os.path.join(cfg.output.dir, f"samples_{when}.png"))
-    path = os.path.join(cfg.output.dir, "summary.json")
-    summary = {}
-    if when == "after" and os.path.isfile(path):
-        with open(path) as f:
-            summary = json.load(f)
-    summary.update(extra or {})
-    summary.update({f"{k}_{when}": v for k, v in numbers.items()})
-    if optimum:  # what the best control would reach, estimated from the base samples
-        summary["optimum"] = optimum
-    summary["samples"] = cfg.logging.summary_samples
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=1)
-    if history:
-        save_curves(history, os.path.join(cfg.output.dir, "curves.png"))
-    accelerator.print(f"summary ({when}): " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
-    if optimum:
-        accelerator.print("optimum (estimated from these base samples): " + ", ".join(f"{k} {v:.4g}" for k, v in optimum.items()))
 
 
 def _write_history(out_dir: str, history: list[dict]) -> None:
