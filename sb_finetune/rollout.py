@@ -5,12 +5,12 @@ Model contract (one for every family): a `Denoiser` maps (x_k, t_k) to the model
 the guided prediction is the drift of both processes. `policy` is the adapted model, `base` the same
 module with the adapter disabled (see `sb_finetune.control.base_denoiser`).
 
-Gradient window: the last K *controlled* steps (std > 0; a deterministic last step is uncontrolled
-and rides along) keep the autograd graph; K is drawn once per rollout, fixed or uniform in
-[K_min, K_max]. The default, uniform in [1, N_controlled], gives every controlled step a positive
-chance to be inside it: a short fixed window is biased (DESIGN.md, "Truncation bias"). Steps before the window run
-without a graph. Inside it, the gradient flows through the state into both the policy and the base
-prediction (the base's weights are frozen, its input is not).
+Gradient window: the last K *controlled* steps (`schedule.controlled`: a deterministic last step, or a
+steep one onto the data, is uncontrolled and rides along) keep the autograd graph; K is drawn once per
+rollout, fixed or uniform in [K_min, K_max]. The default, uniform in [1, N_controlled], gives every
+controlled step a positive chance to be inside it: a short fixed window is biased (DESIGN.md,
+"Truncation bias"). Steps before the window run without a graph. Inside it, the gradient flows through
+the state into both the policy and the base prediction (the base's weights are frozen, its input is not).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ class Rollout:
     kl: Tensor  # [B, N] per-step KL to the base, nats; outside the window detached (see `kl_backward`)
     window: int  # K: the last K controlled steps carried the graph
     trajectory: list[Tensor] | None = None  # x_0 … x_N, detached, when asked for
+    log_ratio: Tensor | None = None  # [B, N] pathwise log dP_θ/dP_base per step, detached: its mean is the KL's,
+    # and alpha·Σ log_ratio − R is constant along paths at the optimum (alpha·log Z), so it estimates the objective
+    # with far less variance than the KL. Not a loss (its gradient is not the KL's).
 
 
 def draw_window(spec: WindowSpec, num_steps: int, generator: torch.Generator | None = None) -> int:
@@ -52,18 +55,20 @@ def draw_window(spec: WindowSpec, num_steps: int, generator: torch.Generator | N
     return int(torch.randint(lo, hi + 1, (1,), generator=generator, device=device))
 
 
-def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True) -> tuple[Tensor, Tensor]:
-    """One transition x_k → x_{k+1} under the policy, and KL_k to the base at the same x_k."""
+def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """One transition x_k → x_{k+1} under the policy; KL_k to the base at the same x_k; and the pathwise
+    log-ratio log N(x_{k+1}; μ_θ, std²) − log N(x_{k+1}; μ_base, std²) = KL_k + (μ_θ − μ_base)·z / std (detached)."""
     t = schedule.timesteps[k]
     std = float(schedule.std[k])
     no_kl = x.new_zeros(x.shape[0])
-    if std == 0.0:  # deterministic step: the base's, uncontrolled, no KL
-        return transition_mean(schedule, k, x, base(x, t)), no_kl
+    if not bool(schedule.controlled[k]):  # deterministic or steep step: the base's, uncontrolled, no KL
+        return transition_mean(schedule, k, x, base(x, t)) + std * z, no_kl, no_kl
     mean = transition_mean(schedule, k, x, policy(x, t))
     if policy is base or not compute_kl:
-        return mean + std * z, no_kl
+        return mean + std * z, no_kl, no_kl
     mean_base = transition_mean(schedule, k, x, base(x, t))
-    return mean + std * z, step_kl(mean, mean_base, std)
+    kl = step_kl(mean, mean_base, std)
+    return mean + std * z, kl, kl.detach() + ((mean - mean_base).detach() * z).flatten(1).sum(1) / std
 
 
 def rollout(
@@ -92,33 +97,35 @@ def rollout(
     on_step: called after every step with (k, x_{k+1}); may return a replacement state (pipelines'
         `callback_on_step_end`).
     compute_kl: False skips the base's prediction on controlled steps (sampling only; KL returned as 0).
-        Deterministic steps always use the base, so the samples are the same either way.
+        Uncontrolled steps always use the base, so the samples are the same either way.
     """
     n = schedule.num_steps
-    controlled = [k for k in range(n) if float(schedule.std[k]) > 0]
+    controlled = [k for k in range(n) if bool(schedule.controlled[k])]
     k_window = draw_window(window, len(controlled), generator)
     start = controlled[-k_window] if k_window > 0 else n
     x = x.float()
     kls: list[Tensor] = []
+    log_ratios: list[Tensor] = []
     trajectory = [x.detach()] if return_trajectory else None
     for k in range(n):
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         step = functools.partial(_step, policy, base, schedule, k, compute_kl=compute_kl)
         if k >= start:
-            x, kl = _checkpoint(step, x, z, use_reentrant=False) if checkpoint else step(x, z)
+            x, kl, log_ratio = _checkpoint(step, x, z, use_reentrant=False) if checkpoint else step(x, z)
         else:  # x is detached: a graph, if any, reaches the policy's parameters only (x held fixed)
             with torch.set_grad_enabled(kl_backward is not None):
-                x, kl = step(x.detach(), z)
+                x, kl, log_ratio = step(x.detach(), z)
             if kl.requires_grad:  # deterministic steps carry no KL and no graph
                 kl_backward(kl)
             x, kl = x.detach(), kl.detach()
         kls.append(kl)
+        log_ratios.append(log_ratio)
         if on_step is not None:
             replaced = on_step(k, x)
             x = x if replaced is None else replaced
         if trajectory is not None:
             trajectory.append(x.detach())
-    return Rollout(x, torch.stack(kls, dim=1), k_window, trajectory)
+    return Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1))
 
 
 @torch.no_grad()

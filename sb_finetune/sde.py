@@ -7,6 +7,8 @@ A sampler is a `Schedule`: N steps k = 0..N-1 from noise to data, each a Gaussia
 whose std depends on the schedule only. So the controlled and the base transition at the same state
 share std_k, and the per-step KL (nats, per sample) is  KL_k = ||μ_θ − μ_base||² / (2 std_k²).
 A step with std_k = 0 is deterministic: it is taken on the base prediction, uncontrolled, no KL term.
+`schedule.controlled` says which steps the control acts on: the stochastic ones, less (flow posterior) a steep
+step onto the data (`controlled_steps`).
 
 All arithmetic is fp32 on the model's own prediction (ε̂, v̂ or x̂0), never through the score.
 Notation follows DESIGN.md: ᾱ (alpha_bar) for VP, σ (sigma) for flow with x_σ = (1−σ) x0 + σ ε.
@@ -47,6 +49,12 @@ class VPSchedule:
         var = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
         return (self.eta * var.clamp_min(0).sqrt()).float()
 
+    @cached_property
+    def controlled(self) -> Tensor:
+        # Every stochastic step, steep or not (see `controlled_steps`): these are diffusers' own DDPM/DDIM(η)
+        # steps, so an adapter trained on them samples the same in the stock pipeline with load_lora_weights.
+        return self.std > 0
+
 
 @dataclass(frozen=True)
 class FlowSchedule:
@@ -54,7 +62,8 @@ class FlowSchedule:
 
     method "posterior": the exact Gaussian posterior step (DDIM-like, no singularity at σ = 1),
         ρ² = η² σ_s² [1 − ((1−σ_t) σ_s / ((1−σ_s) σ_t))²];  η = 1 is memoryless. Its last step is
-        deterministic (σ_s = 0), hence uncontrolled.
+        deterministic (σ_s = 0), hence uncontrolled; so is the steep step onto diffusers' σ_min before it
+        (see `controlled_steps`).
     method "euler_maruyama": dx = [−v̂ + (g²/2) s] dτ + g dW in τ = 1 − σ with g² = c · 2σ/(1−σ),
         c = η² (so η means the same noise level for both methods; c = 1 is memoryless). A step that
         starts at σ = 1, where g is singular, is taken as the posterior step instead.
@@ -83,8 +92,34 @@ class FlowSchedule:
         em = (h * c * 2 * s_t / (1 - s_t).clamp_min(1e-12)).sqrt()
         return torch.where(self.em_steps, em, rho).float()
 
+    @cached_property
+    def controlled(self) -> Tensor:
+        s = self.sigmas.double()
+        return controlled_steps(self.std, s / (1 - s), ~self.em_steps)
+
 
 Schedule = VPSchedule | FlowSchedule
+
+# A posterior step t → s prices a correction Δx̂0 of the prediction at KL = (1 − ν_s²/ν_t²) ||Δx̂0||² / (2 ν_s²),
+# ν the noise-to-signal ratio (VP: sqrt((1−ᾱ)/ᾱ), flow: σ/(1−σ)). That is what the continuum charges for a
+# Δx̂0 held constant over the interval, but near the data (ν below the data's scale, 1 for unit-variance data
+# and latents) the optimal correction shrinks like ν², so a step that ends far below where it starts, at
+# ν_s ≪ min(ν_t, 1), charges any control ≈ (min(ν_t, 1)/ν_s)² times its continuum price, for a move of the
+# sample of order ν_s. Stock grids end so: diffusers' flow grids step from σ ≈ 1/N onto σ_min ≈ 0.001·shift
+# (ν drops 20×), and so do few-step grids. For the flow posterior step (our sampler: diffusers has no stochastic
+# flow step to agree with) such a step is sampled with the base's mean and its own noise: uncontrolled, no KL.
+# VP steps keep their control (VPSchedule.controlled); a VP "leading" grid's step onto t = 0 (ν drops 8× at
+# N = 50) is the same trap, which "trailing" spacing avoids.
+MAX_CONTROLLED_NOISE_DROP = 4.0
+
+
+def controlled_steps(std: Tensor, nsr: Tensor, posterior: Tensor) -> Tensor:
+    """Which steps the control acts on (and pays KL for): stochastic, and not a steep posterior step onto the data.
+
+    std: [N] step noise; nsr: [N+1] noise-to-signal ratio ν at the grid points; posterior: [N] posterior-type steps."""
+    drop = nsr[:-1].clamp_max(1.0) / nsr[1:].clamp_min(1e-30)
+    steep = posterior & (drop > MAX_CONTROLLED_NOISE_DROP)
+    return (std > 0) & ~steep
 
 
 def vp_split(x: Tensor, pred: Tensor, alpha_bar_t: float, prediction_type: VPPrediction) -> tuple[Tensor, Tensor]:
