@@ -17,7 +17,7 @@ from .data import DTYPES, load_pipeline, load_prompts
 from .evaluation import make_evaluator, write_summary
 from .objective import is_finite, soc_loss
 from .rewards import non_finite_message
-from .rollout import rollout
+from .rollout import draw_window, rollout
 from .sde import make_schedule
 
 
@@ -111,6 +111,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         accelerator.print(f"resumed from {path} at step {counters.step}")
     schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.flow_method)
     window = (cfg.objective.window_min, cfg.objective.window_max or schedule.num_steps)
+    n_controlled = int(schedule.controlled.sum())
     if accelerator.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
@@ -137,6 +138,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 cfg.optim.seed + 1_000_003 * accelerator.process_index + 7919 * (counters.step * cfg.optim.grad_accum + micro))
             idx = torch.randint(len(prompts), (b,), generator=g, device=accelerator.device).tolist()
             batch_prompts = [prompts[i] for i in idx]
+            # one window length K for every process (a draw that ignores the rank): equal work per rank, and under
+            # DDP the same number of backward calls, which kl_grad=all's per-step backward needs (else the ranks'
+            # all-reduces pair up wrongly and hang)
+            k_window = draw_window(window, n_controlled, torch.Generator().manual_seed(
+                cfg.optim.seed + 7919 * (counters.step * cfg.optim.grad_accum + micro)))
             with accelerator.accumulate(ddp_module):
                 cond = models.encode(pipe, family, batch_prompts, b, cfg.sampler.guidance_scale, cfg.sampler.negative_prompt or None)
                 policy = models.make_denoiser(ddp_module, family, cond, DTYPES[cfg.model.dtype])
@@ -146,7 +152,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 if cfg.objective.kl_grad == "all":
                     kl_backward = lambda kl: accelerator.backward(cfg.objective.alpha * kl.mean())  # noqa: E731
                 with accelerator.autocast():
-                    out = rollout(policy, base, schedule, x0, window=window, generator=g,
+                    out = rollout(policy, base, schedule, x0, window=k_window, generator=g,
                                   checkpoint=cfg.objective.checkpointing, kl_backward=kl_backward)
                     images = models.decode(pipe, family, out.x)
                     r = score(reward, images, batch_prompts)

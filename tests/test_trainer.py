@@ -189,8 +189,10 @@ def test_eval_grids_are_written_before_during_and_after(tmp_path):
     assert (width, height) == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # 3 seeds × 2 prompts of 32 px, 2 px padding
 
 
-def test_two_processes_end_with_identical_trained_control(tmp_path):
-    """A real 2-process DDP run (gloo) through `accelerate launch`, as a user starts one."""
+@pytest.mark.parametrize("kl_grad", ["window", "all"])
+def test_two_processes_end_with_identical_trained_control(tmp_path, kl_grad):
+    """A real 2-process DDP run (gloo) through `accelerate launch`, as a user starts one. With kl_grad=all every
+    step before the window has its own backward (and all-reduce): ranks drawing different windows would hang."""
     import socket
 
     from sb_finetune.pipelines import SBStableDiffusionPipeline
@@ -201,7 +203,7 @@ def test_two_processes_end_with_identical_trained_control(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            str(ROOT / "tests" / "two_rank_worker.py"), str(ROOT / "configs" / "smoke.yaml"), str(tmp_path),
-           "optim.steps=2", "optim.lr=1e-2", "logging.eval_every=0"]
+           "optim.steps=4", "optim.lr=1e-2", "logging.eval_every=0", f"objective.kl_grad={kl_grad}"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ranks = sorted(p.name for p in tmp_path.glob("rank*.safetensors"))
