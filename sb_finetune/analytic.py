@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .rollout import Denoiser
+from .sde import FlowMethod, Schedule, make_schedule
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,22 @@ def three_blobs() -> GaussianMixture:
         means=torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], dtype=torch.float64),
         covs=covs.double(),
     )
+
+
+def mixture_chain(family: str, num_steps: int, eta: float = 1.0, flow_method: FlowMethod = "posterior"
+                  ) -> tuple[Schedule, Callable[[GaussianMixture], Denoiser]]:
+    """The stock chain the tests and benchmarks run a mixture through, and a mixture's exact denoiser on it.
+
+    VP: diffusers' DDPMScheduler (linear betas, "trailing" grid); flow: FlowMatchEulerDiscreteScheduler(shift=1)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if family == "vp":
+        sched = DDPMScheduler(clip_sample=False, timestep_spacing="trailing")
+        return make_schedule(sched, num_steps, eta), lambda mixture: mixture.vp_denoiser(sched.alphas_cumprod)
+    if family == "flow":
+        schedule = make_schedule(FlowMatchEulerDiscreteScheduler(shift=1.0), num_steps, eta, flow_method)
+        return schedule, lambda mixture: mixture.flow_denoiser()
+    raise ValueError(f"family {family!r}: vp or flow")
 
 
 class MLPControl(torch.nn.Module):

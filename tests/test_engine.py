@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from sb_finetune.analytic import three_blobs
+from sb_finetune.analytic import mixture_chain, three_blobs
 from sb_finetune.objective import soc_loss
 from sb_finetune.rollout import draw_window, rollout
 from sb_finetune.sde import FlowSchedule, VPSchedule, make_schedule, step_kl, transition_mean
@@ -75,8 +75,8 @@ def test_flow_eta0_equals_diffusers_euler(method):
 @pytest.mark.parametrize("method", ["posterior", "euler_maruyama"])
 def test_flow_zero_control_keeps_the_mixture_marginals(method):
     gmm = three_blobs()
-    s = make_schedule(FlowMatchEulerDiscreteScheduler(shift=1.0), 50, flow_method=method)
-    base = gmm.flow_denoiser()
+    s, denoiser = mixture_chain("flow", 50, flow_method=method)
+    base = denoiser(gmm)
     g = torch.Generator().manual_seed(0)
     out = rollout(base, base, s, torch.randn(20000, 2, generator=g), window=0, generator=g, return_trajectory=True)
     mean0 = (gmm.weights[:, None] * gmm.means).sum(0)
@@ -285,12 +285,8 @@ def _gmm_chain(family, n_steps, a=A, method=None):
     """(base mixture, tilted target, schedule, exact control = the target's own prediction, base prediction)."""
     gmm = three_blobs()
     target = gmm.tilted(a, ALPHA)
-    if family == "vp":
-        sched = DDPMScheduler(clip_sample=False, timestep_spacing="trailing")
-        s = make_schedule(sched, n_steps)
-        return gmm, target, s, target.vp_denoiser(sched.alphas_cumprod), gmm.vp_denoiser(sched.alphas_cumprod)
-    s = make_schedule(FlowMatchEulerDiscreteScheduler(shift=1.0), n_steps, flow_method=method)
-    return gmm, target, s, target.flow_denoiser(), gmm.flow_denoiser()
+    s, denoiser = mixture_chain(family, n_steps, flow_method=method or "posterior")
+    return gmm, target, s, denoiser(target), denoiser(gmm)
 
 
 def _exact_control_run(family, n_steps, n_samples, method=None, a=A):
@@ -353,12 +349,9 @@ def test_pathwise_log_ratio_is_the_path_density_ratio(family, method):
 def test_non_memoryless_sampler_misses_the_target():
     """Same exact control, low noise (η = 0.2): the optimum is biased and the KL price is far off."""
     gmm = three_blobs()
-    target = gmm.tilted(A, ALPHA)
-    sched = DDPMScheduler(clip_sample=False, timestep_spacing="trailing")
-    s = make_schedule(sched, 50, eta=0.2)
+    s, denoiser = mixture_chain("vp", 50, eta=0.2)
     g = torch.Generator().manual_seed(0)
-    out = rollout(target.vp_denoiser(sched.alphas_cumprod), gmm.vp_denoiser(sched.alphas_cumprod), s,
-                  torch.randn(5000, 2, generator=g), window=0, generator=g)
+    out = rollout(denoiser(gmm.tilted(A, ALPHA)), denoiser(gmm), s, torch.randn(5000, 2, generator=g), window=0, generator=g)
     gap = float((ALPHA * out.log_ratio.sum(1).double() - out.x.double() @ A).mean()) + ALPHA * gmm.log_z(A, ALPHA)
     assert gap > 0.5
 
@@ -373,11 +366,8 @@ def test_training_moves_the_weights_half_way_to_the_target(family):
     torch.manual_seed(0)
     gmm = three_blobs()
     target = gmm.tilted(A, ALPHA)
-    if family == "vp":
-        sched = DDPMScheduler(clip_sample=False, timestep_spacing="trailing")
-        s, base = make_schedule(sched, 20), gmm.vp_denoiser(sched.alphas_cumprod)
-    else:
-        s, base = make_schedule(FlowMatchEulerDiscreteScheduler(shift=1.0), 20, flow_method="euler_maruyama"), gmm.flow_denoiser()
+    s, denoiser = mixture_chain(family, 20, flow_method="euler_maruyama")
+    base = denoiser(gmm)
     control = MLPControl(base)
     history = fit_control(control, s, lambda x: x @ A.float(), ALPHA, iterations=300, batch=256, lr=1e-2)
     with torch.no_grad():
@@ -393,7 +383,8 @@ def test_kl_only_objective_returns_a_perturbed_control_to_the_base():
 
     torch.manual_seed(0)
     gmm = three_blobs()
-    s, base = make_schedule(FlowMatchEulerDiscreteScheduler(shift=1.0), 20, flow_method="euler_maruyama"), gmm.flow_denoiser()
+    s, denoiser = mixture_chain("flow", 20, flow_method="euler_maruyama")
+    base = denoiser(gmm)
     control = MLPControl(base)
     torch.nn.init.normal_(control.net[-1].weight, std=0.5)
     torch.nn.init.normal_(control.net[-1].bias, std=0.5)
