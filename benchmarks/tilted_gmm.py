@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from sb_finetune.analytic import MLPControl, fit_control, mixture_chain, three_blobs
+from sb_finetune.analytic import MLPControl, fit_control, mixture_chain, objective_gap, three_blobs
 from sb_finetune.rollout import rollout
 
 A = torch.tensor([0.5, 0.5])
@@ -87,8 +87,7 @@ def evaluate(policy, base, schedule, gmm, seed: int, n: int = 20000):
     """(rollout, objective − (−alpha·log Z), its standard error) on n samples, pathwise estimate."""
     g = torch.Generator().manual_seed(seed)
     out = rollout(policy, base, schedule, torch.randn(n, 2, generator=g), window=0, generator=g)
-    per_path = ALPHA * out.log_ratio.sum(1).double() - out.x.double() @ A.double() + ALPHA * gmm.log_z(A.double(), ALPHA)
-    return out, float(per_path.mean()), float(per_path.std() / n**0.5)
+    return out, *objective_gap(out, gmm, A, ALPHA)
 
 
 def main() -> None:

@@ -110,8 +110,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         history = _read_history(out_dir, counters.step)
         accelerator.print(f"resumed from {path} at step {counters.step}")
     schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.flow_method)
-    window = (cfg.objective.window_min, cfg.objective.window_max or schedule.num_steps)
     n_controlled = int(schedule.controlled.sum())
+    window = (cfg.objective.window_min, cfg.objective.window_max or n_controlled)
     if accelerator.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
@@ -134,15 +134,14 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         problem = None  # what the reward returned, if it was not finite
         for micro in range(cfg.optim.grad_accum):
             # each process and step has its own stream: device-specific, and exact on resume
-            g = torch.Generator(accelerator.device).manual_seed(
-                cfg.optim.seed + 1_000_003 * accelerator.process_index + 7919 * (counters.step * cfg.optim.grad_accum + micro))
+            draw_seed = cfg.optim.seed + 7919 * (counters.step * cfg.optim.grad_accum + micro)
+            g = torch.Generator(accelerator.device).manual_seed(draw_seed + 1_000_003 * accelerator.process_index)
             idx = torch.randint(len(prompts), (b,), generator=g, device=accelerator.device).tolist()
             batch_prompts = [prompts[i] for i in idx]
             # one window length K for every process (a draw that ignores the rank): equal work per rank, and under
             # DDP the same number of backward calls, which kl_grad=all's per-step backward needs (else the ranks'
             # all-reduces pair up wrongly and hang)
-            k_window = draw_window(window, n_controlled, torch.Generator().manual_seed(
-                cfg.optim.seed + 7919 * (counters.step * cfg.optim.grad_accum + micro)))
+            k_window = draw_window(window, n_controlled, torch.Generator().manual_seed(draw_seed))
             with accelerator.accumulate(ddp_module):
                 cond = models.encode(pipe, family, batch_prompts, b, cfg.sampler.guidance_scale, cfg.sampler.negative_prompt or None)
                 policy = models.make_denoiser(ddp_module, family, cond, DTYPES[cfg.model.dtype])
@@ -193,7 +192,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     bar.close()
     evaluate(counters.step)
     write_summary(accelerator, cfg, pipe, module, family, schedule, reward, prompts, "after",
-             {"steps": counters.step, "seconds": round(time.time() - started, 1)}, history)
+                  {"steps": counters.step, "seconds": round(time.time() - started, 1)}, history)
 
     # ---- the result: adapter + metadata + model card + resolved config; every rank holds the same control
     accelerator.wait_for_everyone()
