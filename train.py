@@ -1,6 +1,7 @@
 """Fine-tune a diffusion/flow model on a reward:  accelerate launch train.py --config configs/X.yaml [key=value ...]"""
 
 import argparse
+import faulthandler
 import sys
 
 from sb_finetune.config import ConfigError, load_config
@@ -14,6 +15,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", help="'latest' or a checkpoint folder")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 output.dir=outputs/x")
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a hard crash (a kernel's segfault, a collective's abort) still prints where, per process
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -156,8 +156,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                     images = models.decode(pipe, family, out.x)
                     r = score(reward, images, batch_prompts)
                 parts = soc_loss(r, out.kl, cfg.objective.alpha, out.window)
-                finite = is_finite(parts.loss, r)
-                problem = problem or non_finite_message(r, reward.name)
+                finite, problem_here = _agree(accelerator, is_finite(parts.loss, r), non_finite_message(r, reward.name))
+                problem = problem or problem_here
                 all_finite = all_finite and finite
                 if finite:  # NaN/inf never reaches the weights
                     accelerator.backward(parts.loss)
@@ -263,6 +263,25 @@ def _check_ranks_agree(accelerator, lora: dict) -> None:
     if not torch.allclose(every, every[0].expand_as(every), rtol=0, atol=1e-6):
         raise RuntimeError(f"the LoRA weights differ across the {accelerator.num_processes} processes (checksums {every.tolist()}): "
                            f"gradients were not synchronised")
+
+
+def _agree(accelerator, finite: bool, problem: str | None) -> tuple[bool, str | None]:
+    """(finite on every process, a problem one of them saw). Under DDP all ranks must take the same branch: a
+    backward skipped on one rank alone leaves the others' all-reduce unpaired (a hang, or an abort in gloo when it
+    pairs with the next collective), and a rank stopping alone on a broken reward leaves the rest waiting."""
+    if accelerator.num_processes == 1:
+        return finite, problem
+    import torch.distributed as dist
+    from accelerate.utils import gather_object
+
+    flag = torch.tensor([float(finite)], device=accelerator.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if flag.item() == 1.0:
+        return True, None
+    seen = [(rank, p) for rank, p in enumerate(gather_object([problem])) if p]  # rare: only on a bad step
+    if problem is None and seen:
+        problem = f"on process {seen[0][0]}: {seen[0][1]}"
+    return False, problem
 
 
 def _write_history(out_dir: str, history: list[dict]) -> None:
