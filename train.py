@@ -15,7 +15,6 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", help="'latest' or a checkpoint folder")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 output.dir=outputs/x")
     args = parser.parse_args(argv)
-    faulthandler.enable()  # a hard crash (a kernel's segfault, a collective's abort) still prints where, per process
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -33,4 +32,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a hard crash (a kernel's segfault, a collective's abort) still prints where, per process
     sys.exit(main())

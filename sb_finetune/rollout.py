@@ -16,8 +16,9 @@ the state into both the policy and the base prediction (the base's weights are f
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from torch import Tensor
@@ -81,6 +82,7 @@ def rollout(
     generator: torch.Generator | None = None,
     checkpoint: bool = False,
     kl_backward: Callable[[Tensor], None] | None = None,
+    local: Callable[[], ContextManager] | None = None,
     return_trajectory: bool = False,
     on_step: Callable[[int, Tensor], Tensor | None] | None = None,
     compute_kl: bool = True,
@@ -94,6 +96,10 @@ def rollout(
         gradient with respect to the policy's parameters at once (x held fixed), by calling
         `kl_backward(kl_k)` (e.g. `lambda kl: accelerator.backward(alpha * kl.mean())`), so memory stays
         constant; the returned KL is then detached there, so the caller must not count it again.
+    local: with `kl_backward`, entered around each such step's forward and backward to keep them local
+        (DDP's `no_sync`): their gradients then reach the other processes with the window's backward, in one
+        all-reduce per rollout instead of one per step. Not entered when the window is empty (K = 0), where
+        no later backward would carry them.
     on_step: called after every step with (k, x_{k+1}); may return a replacement state (pipelines'
         `callback_on_step_end`).
     compute_kl: False skips the base's prediction on controlled steps (sampling only; KL returned as 0).
@@ -113,10 +119,11 @@ def rollout(
         if k >= start:
             x, kl, log_ratio = _checkpoint(step, x, z, use_reentrant=False) if checkpoint else step(x, z)
         else:  # x is detached: a graph, if any, reaches the policy's parameters only (x held fixed)
-            with torch.set_grad_enabled(kl_backward is not None):
+            keep_local = local() if local is not None and kl_backward is not None and k_window > 0 else nullcontext()
+            with keep_local, torch.set_grad_enabled(kl_backward is not None):
                 x, kl, log_ratio = step(x.detach(), z)
-            if kl.requires_grad:  # deterministic steps carry no KL and no graph
-                kl_backward(kl)
+                if kl.requires_grad:  # deterministic steps carry no KL and no graph
+                    kl_backward(kl)
             x, kl = x.detach(), kl.detach()
         kls.append(kl)
         log_ratios.append(log_ratio)

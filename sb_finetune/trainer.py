@@ -138,21 +138,21 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             g = torch.Generator(accelerator.device).manual_seed(draw_seed + 1_000_003 * accelerator.process_index)
             idx = torch.randint(len(prompts), (b,), generator=g, device=accelerator.device).tolist()
             batch_prompts = [prompts[i] for i in idx]
-            # one window length K for every process (a draw that ignores the rank): equal work per rank, and under
-            # DDP the same number of backward calls, which kl_grad=all's per-step backward needs (else the ranks'
-            # all-reduces pair up wrongly and hang)
+            # one window length K for every process (a draw that ignores the rank): equal work per rank, so none
+            # waits for the slowest at the all-reduce
             k_window = draw_window(window, n_controlled, torch.Generator().manual_seed(draw_seed))
             with accelerator.accumulate(ddp_module):
                 cond = models.encode(pipe, family, batch_prompts, b, cfg.sampler.guidance_scale, cfg.sampler.negative_prompt or None)
                 policy = models.make_denoiser(ddp_module, family, cond, DTYPES[cfg.model.dtype])
                 base = base_denoiser(models.make_denoiser(module, family, cond, DTYPES[cfg.model.dtype]), module)
                 x0 = models.start_noise(pipe, models.latent_shape(pipe, family, b, cfg.model.resolution), g, accelerator.device)
-                kl_backward = None
-                if cfg.objective.kl_grad == "all":
+                kl_backward = local = None
+                if cfg.objective.kl_grad == "all":  # the steps before the window: local backward, reduced with the window's
                     kl_backward = lambda kl: accelerator.backward(cfg.objective.alpha * kl.mean())  # noqa: E731
+                    local = lambda: accelerator.no_sync(ddp_module)  # noqa: E731
                 with accelerator.autocast():
                     out = rollout(policy, base, schedule, x0, window=k_window, generator=g,
-                                  checkpoint=cfg.objective.checkpointing, kl_backward=kl_backward)
+                                  checkpoint=cfg.objective.checkpointing, kl_backward=kl_backward, local=local)
                     images = models.decode(pipe, family, out.x)
                     r = score(reward, images, batch_prompts)
                 parts = soc_loss(r, out.kl, cfg.objective.alpha, out.window)

@@ -262,6 +262,35 @@ def test_kl_backward_gives_outside_window_steps_their_kl_gradient():
     torch.testing.assert_close(ours, control.u.grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k_window", [0, 3])
+def test_local_context_wraps_each_outside_window_backward_when_a_window_follows(k_window):
+    """`local` (DDP's no_sync in the trainer) keeps the per-step KL backwards local; the window's backward then
+    reduces them. With an empty window nothing would, so it must not be entered."""
+    from contextlib import contextmanager
+
+    s = _vp_setup()
+    state = {"inside": False, "entered": 0, "calls_inside": [], "forward_inside": []}
+
+    @contextmanager
+    def local():
+        state["inside"], state["entered"] = True, state["entered"] + 1
+        yield
+        state["inside"] = False
+
+    control = PerStepControl(s, 2)
+
+    def policy(x, t):
+        state["forward_inside"].append(state["inside"])
+        return control(x, t)
+
+    rollout(policy, toy_denoiser, s, torch.randn(3, 2), window=k_window,
+            kl_backward=lambda kl: state["calls_inside"].append(state["inside"]) or kl.mean().backward(), local=local)
+    before = 11 - k_window  # controlled steps before the window, each with a KL backward
+    assert len(state["calls_inside"]) == before
+    assert state["entered"] == (before if k_window else 0) and all(state["calls_inside"]) == bool(k_window)
+    assert state["forward_inside"] == [bool(k_window)] * before + [False] * (len(state["forward_inside"]) - before)
+
+
 def test_window_draws_cover_the_range():
     g = torch.Generator().manual_seed(0)
     draws = {draw_window(None, 10, g) for _ in range(400)}

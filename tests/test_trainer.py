@@ -220,8 +220,8 @@ def _launch_two_ranks(out_dir: Path, *overrides: str) -> None:
 
 @pytest.mark.parametrize("kl_grad", ["window", "all"])
 def test_two_processes_end_with_identical_trained_control(tmp_path, kl_grad):
-    """With kl_grad=all every step before the window has its own backward (and all-reduce): ranks drawing
-    different windows would hang."""
+    """With kl_grad=all every step before the window has its own local backward (DDP's no_sync), reduced with the
+    window's: were they left out of that all-reduce, the ranks would end with different weights."""
     from sb_finetune.pipelines import SBStableDiffusionPipeline
 
     _launch_two_ranks(tmp_path, "optim.steps=4", "optim.lr=1e-2", f"objective.kl_grad={kl_grad}")
