@@ -125,6 +125,10 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         write_summary(accelerator, cfg, pipe, module, family, schedule, reward, prompts, "before")
 
     # ---- the loop
+    kl_backward = local = None
+    if cfg.objective.kl_grad == "all":  # the steps before the window: local backward, reduced with the window's
+        kl_backward = lambda kl: accelerator.backward(cfg.objective.alpha * kl.mean())  # noqa: E731
+        local = lambda: accelerator.no_sync(ddp_module)  # noqa: E731
     b = cfg.optim.batch_size
     bar = tqdm(total=cfg.optim.steps, initial=counters.step, disable=not accelerator.is_main_process, desc="train")
     bad_reward_streak = 0
@@ -146,10 +150,6 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 policy = models.make_denoiser(ddp_module, family, cond, DTYPES[cfg.model.dtype])
                 base = base_denoiser(models.make_denoiser(module, family, cond, DTYPES[cfg.model.dtype]), module)
                 x0 = models.start_noise(pipe, models.latent_shape(pipe, family, b, cfg.model.resolution), g, accelerator.device)
-                kl_backward = local = None
-                if cfg.objective.kl_grad == "all":  # the steps before the window: local backward, reduced with the window's
-                    kl_backward = lambda kl: accelerator.backward(cfg.objective.alpha * kl.mean())  # noqa: E731
-                    local = lambda: accelerator.no_sync(ddp_module)  # noqa: E731
                 with accelerator.autocast():
                     out = rollout(policy, base, schedule, x0, window=k_window, generator=g,
                                   checkpoint=cfg.objective.checkpointing, kl_backward=kl_backward, local=local)
@@ -271,12 +271,9 @@ def _agree(accelerator, finite: bool, problem: str | None) -> tuple[bool, str | 
     pairs with the next collective), and a rank stopping alone on a broken reward leaves the rest waiting."""
     if accelerator.num_processes == 1:
         return finite, problem
-    import torch.distributed as dist
     from accelerate.utils import gather_object
 
-    flag = torch.tensor([float(finite)], device=accelerator.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if flag.item() == 1.0:
+    if bool(accelerator.gather(torch.tensor([float(finite)], device=accelerator.device)).min() == 1.0):
         return True, None
     seen = [(rank, p) for rank, p in enumerate(gather_object([problem])) if p]  # rare: only on a bad step
     if problem is None and seen:
