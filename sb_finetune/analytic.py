@@ -169,24 +169,30 @@ def fit_control(
     window=None,
     seed: int = 0,
     dim: int = 2,
+    estimator=None,
+    costs=None,
 ) -> list[float]:
-    """Train `control` on the SOC objective with the engine's rollout; returns the objective per iteration.
+    """Train `control` on the SOC objective with an estimator (default: pathwise with `window`); returns the
+    objective per iteration. With `final_lr` the learning rate follows a cosine from `lr` down to `final_lr`;
+    `costs` (a `sb_finetune.costs.Costs`) counts the model calls and reward queries."""
+    from .estimators import Task
+    from .estimators.pathwise import Pathwise
 
-    With `final_lr` the learning rate follows a cosine from `lr` down to `final_lr`."""
-    from .objective import soc_loss
-    from .rollout import rollout
-
+    estimator = estimator or Pathwise(window)
     opt = torch.optim.Adam(control.net.parameters(), lr=lr)
     sched = None if final_lr is None else torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=final_lr)
     g = torch.Generator().manual_seed(seed)
+    policy, base = control, control.base
+    if costs is not None:
+        policy, base, reward = costs.count("policy", policy), costs.count("base", base), costs.count("reward", reward)
     history = []
     for _ in range(iterations):
-        out = rollout(control, control.base, schedule, torch.randn(batch, dim, generator=g), window=window, generator=g)
-        parts = soc_loss(reward(out.x), out.kl, alpha, out.window)
+        x0 = torch.randn(batch, dim, generator=g)
+        est = estimator(Task(policy, base, schedule, x0, reward, alpha, generator=g, shared=g))
         opt.zero_grad(set_to_none=True)
-        parts.loss.backward()
+        est.backward()
         opt.step()
         if sched is not None:
             sched.step()
-        history.append(parts.objective)
+        history.append(est.objective)
     return history

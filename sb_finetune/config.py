@@ -45,6 +45,8 @@ class SamplerConfig:
 @dataclass
 class ObjectiveConfig:
     alpha: float = 1.0  # KL weight: optimum ∝ p_base · exp(reward / alpha)
+    estimator: str = "pathwise"  # pathwise | adjoint (Adjoint Matching): how the gradient of the objective is estimated
+    adjoint_steps: Optional[int] = None  # adjoint: K controlled steps regressed per trajectory; None = all
     window_min: int = 1  # gradient window K ~ uniform[window_min, window_max] controlled steps
     window_max: Optional[int] = None  # None = all steps (unbiased); window_min == window_max = fixed K
     kl_grad: str = "window"  # window | all: also the KL terms before the window (local backward)
@@ -71,6 +73,8 @@ class PromptsConfig:
 class OptimConfig:
     steps: int = 100
     lr: float = 3e-4
+    lr_schedule: str = "constant"  # constant | cosine | linear (to 0 at optim.steps), after optim.warmup_steps
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     batch_size: int = 2  # per device
     grad_accum: int = 1
@@ -115,8 +119,10 @@ _CHOICES = {
     "model.family": ("auto", "sd", "sdxl", "sd3", "unet2d"),
     "model.dtype": ("float32", "float16", "bfloat16"),
     "sampler.flow_method": ("posterior", "euler_maruyama"),
+    "objective.estimator": ("pathwise", "adjoint"),
     "objective.kl_grad": ("window", "all"),
     "optim.mixed_precision": ("no", "fp16", "bf16"),
+    "optim.lr_schedule": ("constant", "cosine", "linear"),
     "logging.tracker": ("tensorboard", "wandb", "none"),
 }
 
@@ -159,11 +165,15 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}': must be >= 1, got {value}")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"config key 'optim.warmup_steps': must be >= 0, got {cfg.optim.warmup_steps}")
     if cfg.objective.alpha <= 0:
         raise ConfigError(f"config key 'objective.alpha': the KL weight must be > 0, got {cfg.objective.alpha}")
     if cfg.sampler.eta < 0:
         raise ConfigError(f"config key 'sampler.eta': must be >= 0, got {cfg.sampler.eta}")
     o = cfg.objective
+    if o.adjoint_steps is not None and o.adjoint_steps < 1:
+        raise ConfigError(f"config key 'objective.adjoint_steps': must be >= 1 (or null for all), got {o.adjoint_steps}")
     if o.window_min < 0 or (o.window_max is not None and o.window_max < o.window_min):
         raise ConfigError(f"config keys 'objective.window_min/max': need 0 <= min <= max, got {o.window_min}, {o.window_max}")
     if cfg.prompts.file is not None and not os.path.isfile(cfg.prompts.file):

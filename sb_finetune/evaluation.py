@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -13,17 +15,24 @@ from . import models
 from .config import Config
 from .control import base_denoiser
 from .objective import tilted_optimum
-from .rollout import rollout
+from .rollout import path_log_ratio, rollout
 
 
 def _rollout_images(pipe, module, family: str, schedule, cond, n: int, generator: torch.Generator,
-                    resolution: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """n samples of the current control from fresh noise: (decoded images [n, 3, H, W], path KL to the base [n])."""
+                    resolution: int | None, from_base: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n samples of the current control from fresh noise: (decoded images [n, 3, H, W], per-step KL to the base
+    [n, N], per-step log dP_θ/dP_base of the sampled transitions [n, N]). from_base: sampled from the base model
+    instead, scored against the control (the same log-ratio, now along base paths)."""
     device = next(module.parameters()).device
     policy = models.make_denoiser(module, family, cond)
+    base = base_denoiser(policy, module)
     x = models.start_noise(pipe, models.latent_shape(pipe, family, n, resolution), generator, device)
-    out = rollout(policy, base_denoiser(policy, module), schedule, x, window=0, generator=generator)
-    return models.decode(pipe, family, out.x), out.kl.sum(1)
+    if not from_base:
+        out = rollout(policy, base, schedule, x, window=0, generator=generator)
+        return models.decode(pipe, family, out.x), out.kl, out.log_ratio
+    out = rollout(base, base, schedule, x, window=0, generator=generator, return_trajectory=True, return_means=True)
+    log_ratio = path_log_ratio(policy, schedule, out.trajectory, out.means)
+    return models.decode(pipe, family, out.x), out.kl, log_ratio
 
 
 @torch.no_grad()
@@ -34,10 +43,10 @@ def eval_grid(pipe, module, family: str, schedule, prompts: list[str], seeds: li
     device = next(module.parameters()).device
     columns, kls = [], []
     for seed in seeds:
-        images, kl = _rollout_images(pipe, module, family, schedule, cond, len(prompts),
-                                     torch.Generator(device).manual_seed(int(seed)), resolution)
+        images, kl, _ = _rollout_images(pipe, module, family, schedule, cond, len(prompts),
+                                        torch.Generator(device).manual_seed(int(seed)), resolution)
         columns.append(images)
-        kls.append(kl)
+        kls.append(kl.sum(1))
     images = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: prompt i, seed j
     return images.cpu(), float(torch.cat(kls).mean())
 
@@ -49,37 +58,83 @@ def save_grid(images: torch.Tensor, columns: int, path: str) -> None:
     save_image(images, path, nrow=columns, padding=2)
 
 
-@torch.no_grad()
-def summarize(pipe, module, family: str, schedule, reward, prompts: list[str], n: int, batch: int, seed: int = 12345,
-              guidance_scale: float = 1.0, negative_prompt: str | None = None, resolution: int | None = None,
-              alpha: float = 1.0, optimum: bool = False) -> tuple[dict, torch.Tensor]:
-    """On n fresh samples of the current control (fixed seed): reward mean/std, path KL to the base (nats), the
-    objective alpha·KL − E[R], and the reward's own `metrics(images)` if it has one. Returns (numbers, images).
+@dataclass
+class Paths:
+    """n sampled paths: decoded images (CPU), rewards [n], per-step KL [n, N] and log dP_θ/dP_base [n, N]."""
 
-    optimum: the samples are the base model's; also estimate what the optimal control reaches (`tilted_optimum`)
-    under numbers["optimum"], with the reward's metrics reweighted to p* if it takes `weights`."""
+    images: torch.Tensor
+    reward: torch.Tensor
+    kl: torch.Tensor
+    log_ratio: torch.Tensor
+
+
+@torch.no_grad()
+def sample_paths(pipe, module, family: str, schedule, reward, prompts: list[str], n: int, batch: int, seed: int = 12345,
+                 guidance_scale: float = 1.0, negative_prompt: str | None = None, resolution: int | None = None,
+                 from_base: bool = False) -> Paths:
+    """n paths of the current control (or of the base, scored against the control) from a fixed seed, prompts in
+    turn. The same seed gives the same base paths whatever the control (from_base, or before training)."""
     device = next(module.parameters()).device
     g = torch.Generator(device).manual_seed(seed)
-    images, rewards, kls = [], [], []
+    images, rewards, kls, ratios = [], [], [], []
     for start in range(0, n, batch):
         chunk = [prompts[i % len(prompts)] for i in range(start, min(start + batch, n))]
         cond = models.encode(pipe, family, chunk, len(chunk), guidance_scale, negative_prompt or None)
-        decoded, kl = _rollout_images(pipe, module, family, schedule, cond, len(chunk), g, resolution)
+        decoded, kl, log_ratio = _rollout_images(pipe, module, family, schedule, cond, len(chunk), g, resolution, from_base)
         images.append(decoded.cpu())
         rewards.append(reward(decoded, chunk).float().cpu())
         kls.append(kl.cpu())
-    images, r, kl = torch.cat(images), torch.cat(rewards), torch.cat(kls)
-    numbers = {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "kl": float(kl.mean()),
-               "objective": alpha * float(kl.mean()) - float(r.mean())}
+        ratios.append(log_ratio.cpu())
+    return Paths(torch.cat(images), torch.cat(rewards), torch.cat(kls), torch.cat(ratios))
+
+
+def _weighted_metrics(reward, images: torch.Tensor, weights: torch.Tensor, device) -> dict:
+    """The reward's own metrics reweighted to p*, where it takes `weights` (else none)."""
+    if "weights" not in inspect.signature(getattr(reward, "metrics", lambda images: None)).parameters:
+        return {}
+    return reward.metrics(images.to(device), weights=weights.to(device))
+
+
+@torch.no_grad()
+def summarize(pipe, module, family: str, schedule, reward, prompts: list[str], n: int, batch: int, seed: int = 12345,
+              guidance_scale: float = 1.0, negative_prompt: str | None = None, resolution: int | None = None,
+              alpha: float = 1.0, optimum: str | None = None) -> tuple[dict, torch.Tensor]:
+    """On n fresh samples of the current control (fixed seed): reward mean/std, path KL to the base (nats) and per
+    step, the objective alpha·KL − E[R], and the reward's own `metrics(images)` if it has one. Returns (numbers,
+    images).
+
+    optimum="base": the control is still the base's; estimate what the optimal control reaches (`tilted_optimum`)
+    from these samples under numbers["optimum"] (the reward's metrics reweighted to p* where it takes `weights`).
+    optimum="both": also draw n base paths (the same seed: the same paths as "base" gave) scored against the
+    control, and estimate the optimum from both sets (far more effective samples once the control is near it);
+    numbers["gap"] is then the distance to it: the objective's excess alpha·KL(P_θ ‖ P*) on paths, estimated path
+    by path as alpha·Σ log dP_θ/dP_base − R + alpha·log Z* (± its standard error), and the KL's excess."""
+    device = next(module.parameters()).device
+    args = (pipe, module, family, schedule, reward, prompts, n, batch, seed, guidance_scale, negative_prompt, resolution)
+    paths = sample_paths(*args)
+    kl = paths.kl.sum(1)
+    numbers = {"reward_mean": float(paths.reward.mean()), "reward_std": float(paths.reward.std()), "kl": float(kl.mean()),
+               "objective": alpha * float(kl.mean()) - float(paths.reward.mean()),
+               "kl_per_step": [round(float(v), 5) for v in paths.kl.mean(0)]}
     if hasattr(reward, "metrics"):
-        numbers.update(reward.metrics(images.to(device)))
-    if optimum:
-        best = tilted_optimum(r, alpha)
-        numbers["optimum"] = {"objective": best.objective, "kl": best.kl, "reward_mean": best.reward_mean,
-                              "effective_samples": best.ess}
-        if "weights" in inspect.signature(getattr(reward, "metrics", lambda images: None)).parameters:
-            numbers["optimum"].update(reward.metrics(images.to(device), weights=best.weights.to(device)))
-    return numbers, images
+        numbers.update(reward.metrics(paths.images.to(device)))
+    if optimum == "base":
+        best = tilted_optimum(paths.reward, alpha)
+        numbers["optimum"] = {**best.numbers(), "estimated_from": f"{n} base samples",
+                              **_weighted_metrics(reward, paths.images, best.weights, device)}
+    elif optimum == "both":
+        base_paths = sample_paths(*args, from_base=True)
+        r = torch.cat([base_paths.reward, paths.reward])
+        log_ratio = torch.cat([base_paths.log_ratio, paths.log_ratio]).sum(1)
+        # both sets, drawn from the mixture ½ P_base + ½ P_θ: its density to P_base is ½ + ½ exp(log dP_θ/dP_base)
+        best = tilted_optimum(r, alpha, log_proposal=torch.logaddexp(torch.zeros_like(log_ratio), log_ratio) - math.log(2))
+        images = torch.cat([base_paths.images, paths.images])
+        numbers["optimum"] = {**best.numbers(), "estimated_from": f"{n} base and {n} trained samples",
+                              **_weighted_metrics(reward, images, best.weights, device)}
+        excess = alpha * paths.log_ratio.sum(1).double() - paths.reward.double() + alpha * best.log_z
+        numbers["gap"] = {"objective": float(excess.mean()), "objective_se": float(excess.std()) / n**0.5,
+                          "kl": float(kl.mean()) - best.kl}
+    return numbers, paths.images
 
 
 def save_curves(history: list[dict], path: str, keys: tuple[str, ...] = ("reward_mean", "kl")) -> None:
@@ -133,13 +188,17 @@ def make_evaluator(accelerator, cfg: Config, pipe, module, family: str, schedule
 def write_summary(accelerator, cfg: Config, pipe, module, family: str, schedule, reward, prompts: list[str], when: str,
                   extra: dict | None = None, history: list[dict] | None = None) -> None:
     """With logging.summary_samples: numbers on fresh samples "before"/"after" training → summary.json,
-    samples_<when>.png (the first 64) and, after, curves.png of reward and KL over the steps."""
+    samples_<when>.png (the first 64) and, after, curves.png of reward and KL over the steps.
+
+    summary.json's "optimum" is what the best control reaches, p_base tilted by exp(R/alpha): from the base samples
+    before training, then from the base and the trained samples together ("optimum_base_only" keeps the first);
+    "gap_after" is the trained control's distance to it, in nats."""
     if not cfg.logging.summary_samples or not accelerator.is_main_process:
         return
     numbers, images = summarize(pipe, getattr(module, "module", module), family, schedule, reward, prompts,
                                 cfg.logging.summary_samples, 4 * cfg.optim.batch_size, guidance_scale=cfg.sampler.guidance_scale,
                                 negative_prompt=cfg.sampler.negative_prompt, resolution=cfg.model.resolution,
-                                alpha=cfg.objective.alpha, optimum=when == "before")
+                                alpha=cfg.objective.alpha, optimum="base" if when == "before" else "both")
     optimum = numbers.pop("optimum", None)
     save_grid(images[:64], 8, os.path.join(cfg.output.dir, f"samples_{when}.png"))
     path = os.path.join(cfg.output.dir, "summary.json")
@@ -149,13 +208,22 @@ def write_summary(accelerator, cfg: Config, pipe, module, family: str, schedule,
             summary = json.load(f)
     summary.update(extra or {})
     summary.update({f"{k}_{when}": v for k, v in numbers.items()})
-    if optimum:  # what the best control would reach, estimated from the base samples
+    if optimum:
+        if "optimum" in summary:
+            summary["optimum_base_only"] = summary["optimum"]
         summary["optimum"] = optimum
     summary["samples"] = cfg.logging.summary_samples
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     if history:
         save_curves(history, os.path.join(cfg.output.dir, "curves.png"))
-    accelerator.print(f"summary ({when}): " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
+    accelerator.print(f"summary ({when}): " + _fmt(numbers))
     if optimum:
-        accelerator.print("optimum (estimated from these base samples): " + ", ".join(f"{k} {v:.4g}" for k, v in optimum.items()))
+        accelerator.print(f"optimum (from {optimum['estimated_from']}): " + _fmt(optimum))
+
+
+def _fmt(numbers: dict) -> str:
+    def one(v):
+        return f"{v:.4g}" if isinstance(v, float) else "{" + _fmt(v) + "}" if isinstance(v, dict) else None
+
+    return ", ".join(f"{k} {one(v)}" for k, v in numbers.items() if one(v) is not None)

@@ -60,24 +60,73 @@ def is_finite(*values: Tensor | float) -> bool:
 
 @dataclass
 class TiltedOptimum:
-    """The optimum p* ∝ p_base · exp(R / alpha), estimated from base samples by self-normalised importance weights."""
+    """The optimum p* ∝ p_base · exp(R / alpha), estimated from samples by self-normalised importance weights."""
 
-    weights: Tensor  # [n] w_i ∝ exp(R_i / alpha), sum 1
+    weights: Tensor  # [n] w_i ∝ exp(R_i / alpha) · dP_base/dQ(x_i), sum 1
     log_z: float  # log E_base[exp(R / alpha)]
     objective: float  # −alpha · log Z: the least value of alpha · KL − E[R]
     reward_mean: float  # E_p*[R]
     kl: float  # KL(p* || p_base) = E_p*[R] / alpha − log Z, nats
     ess: float  # effective sample size 1 / Σ w_i²: how far to trust the estimate
 
+    def numbers(self) -> dict[str, float]:
+        return {"objective": self.objective, "kl": self.kl, "reward_mean": self.reward_mean, "effective_samples": self.ess}
 
-def tilted_optimum(reward: Tensor, alpha: float) -> TiltedOptimum:
-    """What the best control reaches, from the rewards R_i of n samples of the *base* model.
+
+def tilted_optimum(reward: Tensor, alpha: float, log_proposal: Tensor | None = None) -> TiltedOptimum:
+    """What the best control reaches, from the rewards R_i of n sampled paths.
 
     With a memoryless sampler the SOC optimum is the base tilted by exp(R / alpha) (DESIGN.md); its objective is
-    −alpha·log Z, so a trained control's alpha·KL − E[R] must sit above it (up to sampling noise)."""
+    −alpha·log Z, so a trained control's alpha·KL − E[R] must sit above it (up to sampling noise). The paths are the
+    base model's, or drawn from a proposal Q with log_proposal_i = log dQ/dP_base of path i (e.g. a mixture of base and
+    trained paths: far more effective samples once the control is near the optimum)."""
     r = reward.detach().double().flatten()
-    logw = r / alpha
+    logw = r / alpha - (0.0 if log_proposal is None else log_proposal.detach().double().flatten())
     log_z = float(torch.logsumexp(logw, 0) - math.log(r.numel()))
     w = torch.softmax(logw, 0)
     r_mean = float((w * r).sum())
     return TiltedOptimum(w.float(), log_z, -alpha * log_z, r_mean, r_mean / alpha - log_z, float(1 / (w * w).sum()))
+
+
+def optimum_kl_profile(base, schedule, reward, alpha: float, trajectories: list[Tensor], continuations: int = 32,
+                       batch: int = 1024, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Per-step KL of the optimal process P* ∝ P_base · exp(R/alpha) to the base, nats, and the part of it a
+    Gaussian step can carry: ([N], [N]).
+
+    Step k of P* is p_base(x'|x) h_{k+1}(x') / h_k(x) with h_k(x) = E_base[exp(R(x_N)/alpha) | x_k = x], so
+    KL*_k = E_P*[log h_{k+1}(x_{k+1}) − log h_k(x_k)], summing to KL(P* ‖ P_base). `trajectories` (x_0 … x_N, each
+    [n, ...]) are paths of P* (e.g. base paths resampled by exp(R/alpha)); log h_k at each of their states is estimated
+    from `continuations` base chains run on from it (log of the mean, less its first-order bias var/(2 M mean²)).
+
+    The optimal transition's mean moves by u*_k = σ_k E[w z] / E[w] (w = exp(R/alpha) of a continuation, z its first
+    step's noise: Stein's identity); a Gaussian step with that mean carries ||u*_k||²/(2σ_k²) of KL*_k, and
+    KL*_k − ||u*_k||²/(2σ_k²) = KL(p*_k ‖ N(μ_k + u*_k, σ_k²)) is what no mean shift can carry: the chain's coarseness.
+    ||u*||² is estimated from two independent halves of the continuations (û_A · û_B, unbiased up to the ratios).
+    `reward` maps final states to [n] rewards. Cost: n · M · N(N+1)/2 base steps."""
+    from .rollout import rollout
+    from .sde import schedule_tail
+
+    n_steps, n = schedule.num_steps, trajectories[0].shape[0]
+    log_h = torch.empty(n_steps + 1, n, dtype=torch.float64)
+    log_h[n_steps] = reward(trajectories[-1]).double() / alpha
+    gaussian = torch.zeros(n_steps, dtype=torch.float64)
+    half = continuations // 2
+    for k in range(n_steps):
+        tail = schedule_tail(schedule, k)
+        starts = trajectories[k].repeat_interleave(continuations, dim=0)
+        ends, noise = [], []
+        for chunk in starts.split(batch):
+            out = rollout(base, base, tail, chunk, window=0, generator=generator, compute_kl=False,
+                          return_trajectory=True, return_means=True)
+            ends.append(out.x)
+            std = float(schedule.std[k])
+            noise.append(((out.trajectory[1] - out.means[0]) / std if std > 0 else torch.zeros_like(out.x)).flatten(1).double())
+        logw = (reward(torch.cat(ends)).double() / alpha).view(n, continuations)
+        log_mean = torch.logsumexp(logw, 1) - math.log(continuations)
+        rel_var = torch.exp(2 * (logw - log_mean[:, None])).mean(1) - 1  # Var[w] / mean², per state
+        log_h[k] = log_mean + rel_var / (2 * continuations)
+        z = torch.cat(noise).view(n, continuations, -1)
+        wa, wb = torch.softmax(logw[:, :half], 1), torch.softmax(logw[:, half:], 1)
+        ua, ub = (wa[..., None] * z[:, :half]).sum(1), (wb[..., None] * z[:, half:]).sum(1)  # u*/σ, two halves
+        gaussian[k] = 0.5 * (ua * ub).sum(1).mean()
+    return (log_h[1:] - log_h[:-1]).mean(1).float(), gaussian.float()

@@ -39,6 +39,7 @@ class Rollout:
     log_ratio: Tensor | None = None  # [B, N] pathwise log dP_θ/dP_base per step, detached: its mean is the KL's,
     # and alpha·Σ log_ratio − R is constant along paths at the optimum (alpha·log Z), so it estimates the objective
     # with far less variance than the KL. Not a loss (its gradient is not the KL's).
+    means: list[Tensor] | None = None  # μ_k of the transition each step took (the policy's where controlled), detached
 
 
 def draw_window(spec: WindowSpec, num_steps: int, generator: torch.Generator | None = None) -> int:
@@ -56,20 +57,30 @@ def draw_window(spec: WindowSpec, num_steps: int, generator: torch.Generator | N
     return int(torch.randint(lo, hi + 1, (1,), generator=generator, device=device))
 
 
-def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """One transition x_k → x_{k+1} under the policy; KL_k to the base at the same x_k; and the pathwise
-    log-ratio log N(x_{k+1}; μ_θ, std²) − log N(x_{k+1}; μ_base, std²) = KL_k + (μ_θ − μ_base)·z / std (detached)."""
+def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True
+          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One transition x_k → x_{k+1} under the policy; KL_k to the base at the same x_k; the pathwise log-ratio
+    (`step_log_ratio`, detached); and the transition's mean μ_k."""
     t = schedule.timesteps[k]
     std = float(schedule.std[k])
     no_kl = x.new_zeros(x.shape[0])
     if not bool(schedule.controlled[k]):  # deterministic or steep step: the base's, uncontrolled, no KL
-        return transition_mean(schedule, k, x, base(x, t)) + std * z, no_kl, no_kl
+        mean = transition_mean(schedule, k, x, base(x, t))
+        return mean + std * z, no_kl, no_kl, mean
     mean = transition_mean(schedule, k, x, policy(x, t))
     if policy is base or not compute_kl:
-        return mean + std * z, no_kl, no_kl
+        return mean + std * z, no_kl, no_kl, mean
     mean_base = transition_mean(schedule, k, x, base(x, t))
     kl = step_kl(mean, mean_base, std)
-    return mean + std * z, kl, kl.detach() + ((mean - mean_base).detach() * z).flatten(1).sum(1) / std
+    return mean + std * z, kl, step_log_ratio(kl, mean, mean_base, z, std), mean
+
+
+def step_log_ratio(kl: Tensor, mean_policy: Tensor, mean_base: Tensor, z: Tensor, std: float) -> Tensor:
+    """log N(x_{k+1}; μ_θ, std²) − log N(x_{k+1}; μ_base, std²) per sample (detached), for the step taken as
+    x_{k+1} = μ_θ + std·z: KL_k + (μ_θ − μ_base)·z / std."""
+    if std == 0.0:
+        return kl.detach()
+    return kl.detach() + ((mean_policy - mean_base).detach() * z).flatten(1).sum(1) / std
 
 
 def rollout(
@@ -84,6 +95,7 @@ def rollout(
     kl_backward: Callable[[Tensor], None] | None = None,
     local: Callable[[], ContextManager] | None = None,
     return_trajectory: bool = False,
+    return_means: bool = False,
     on_step: Callable[[int, Tensor], Tensor | None] | None = None,
     compute_kl: bool = True,
 ) -> Rollout:
@@ -104,6 +116,7 @@ def rollout(
         `callback_on_step_end`).
     compute_kl: False skips the base's prediction on controlled steps (sampling only; KL returned as 0).
         Uncontrolled steps always use the base, so the samples are the same either way.
+    return_trajectory / return_means: keep the states x_0 … x_N / the means μ_k each step took (detached).
     """
     n = schedule.num_steps
     controlled = [k for k in range(n) if bool(schedule.controlled[k])]
@@ -113,26 +126,44 @@ def rollout(
     kls: list[Tensor] = []
     log_ratios: list[Tensor] = []
     trajectory = [x.detach()] if return_trajectory else None
+    means: list[Tensor] | None = [] if return_means else None
     for k in range(n):
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         step = functools.partial(_step, policy, base, schedule, k, compute_kl=compute_kl)
         if k >= start:
-            x, kl, log_ratio = _checkpoint(step, x, z, use_reentrant=False) if checkpoint else step(x, z)
+            x, kl, log_ratio, mean = _checkpoint(step, x, z, use_reentrant=False) if checkpoint else step(x, z)
         else:  # x is detached: a graph, if any, reaches the policy's parameters only (x held fixed)
             keep_local = local() if local is not None and kl_backward is not None and k_window > 0 else nullcontext()
             with keep_local, torch.set_grad_enabled(kl_backward is not None):
-                x, kl, log_ratio = step(x.detach(), z)
+                x, kl, log_ratio, mean = step(x.detach(), z)
                 if kl.requires_grad:  # deterministic steps carry no KL and no graph
                     kl_backward(kl)
             x, kl = x.detach(), kl.detach()
         kls.append(kl)
         log_ratios.append(log_ratio)
+        if means is not None:
+            means.append(mean.detach())
         if on_step is not None:
             replaced = on_step(k, x)
             x = x if replaced is None else replaced
         if trajectory is not None:
             trajectory.append(x.detach())
-    return Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1))
+    return Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1), means)
+
+
+def path_log_ratio(policy: Denoiser, schedule: Schedule, trajectory: list[Tensor], means: list[Tensor]) -> Tensor:
+    """[B, N] log dP_policy/dP_sampler of each transition of paths already sampled (`trajectory` x_0 … x_N and the
+    sampler's `means`, as `rollout(..., return_trajectory=True, return_means=True)` gives them): the policy's mean on
+    the controlled steps, the sampler's elsewhere (uncontrolled steps are the base's in both processes)."""
+    ratios = [trajectory[0].new_zeros(trajectory[0].shape[0])] * schedule.num_steps
+    for k in range(schedule.num_steps):
+        std = float(schedule.std[k])
+        if bool(schedule.controlled[k]) and std > 0:
+            x, mean = trajectory[k], means[k]
+            mean_policy = transition_mean(schedule, k, x, policy(x, schedule.timesteps[k]))
+            kl = step_kl(mean, mean_policy, std)  # the sampler's step against the policy's, at the sampler's noise
+            ratios[k] = -step_log_ratio(kl, mean, mean_policy, (trajectory[k + 1] - mean) / std, std)
+    return torch.stack(ratios, dim=1)
 
 
 @torch.no_grad()

@@ -100,6 +100,15 @@ class FlowSchedule:
 
 Schedule = VPSchedule | FlowSchedule
 
+
+def schedule_tail(schedule: Schedule, k: int) -> Schedule:
+    """Steps k … N−1 of a schedule: the chain that continues from x_k (same steps, same noise levels)."""
+    from dataclasses import replace
+
+    if isinstance(schedule, VPSchedule):
+        return replace(schedule, timesteps=schedule.timesteps[k:], alpha_bar=schedule.alpha_bar[k:])
+    return replace(schedule, timesteps=schedule.timesteps[k:], sigmas=schedule.sigmas[k:])
+
 # A posterior step t → s prices a correction Δx̂0 of the prediction at KL = (1 − ν_s²/ν_t²) ||Δx̂0||² / (2 ν_s²),
 # ν the noise-to-signal ratio (VP: sqrt((1−ᾱ)/ᾱ), flow: σ/(1−σ)). That is what the continuum charges for a
 # Δx̂0 held constant over the interval, but near the data (ν below the data's scale, 1 for unit-variance data

@@ -1,4 +1,5 @@
-"""The training loop: sample with the control, score, backprop through the window, step. Top to bottom."""
+"""The training loop: sample with the control, score, estimate the gradient (`sb_finetune.estimators`), step. Top to
+bottom."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from . import models
 from .config import Config, to_yaml
 from .control import add_lora_control, base_denoiser, load_lora_control, lora_state_dict, save_lora_control
 from .data import DTYPES, load_pipeline, load_prompts
+from .estimators import Task, make_estimator
 from .evaluation import make_evaluator, write_summary
-from .objective import is_finite, soc_loss
+from .objective import is_finite
 from .rewards import non_finite_message
-from .rollout import draw_window, rollout
 from .sde import make_schedule
 
 
@@ -91,7 +92,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             getattr(pipe, part).requires_grad_(False)
     reward.to(accelerator.device).requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    ddp_module, optimizer = accelerator.prepare(module, optimizer)
+    lr_schedule = _lr_schedule(cfg, optimizer, accelerator.num_processes)
+    ddp_module, optimizer, lr_schedule = accelerator.prepare(module, optimizer, lr_schedule)
     counters = Counters()
     accelerator.register_for_checkpointing(counters)
     meta = {"base_model": cfg.model.pretrained, "family": family, "sampler": {"steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
@@ -108,10 +110,10 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         if name.startswith("checkpoint_") and name[11:].isdigit():  # new checkpoints continue the numbering
             accelerator.project_configuration.iteration = int(name[11:]) + 1
         history = _read_history(out_dir, counters.step)
+        _restart_lr_schedule(lr_schedule, cfg, counters.step, accelerator.num_processes)
         accelerator.print(f"resumed from {path} at step {counters.step}")
     schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.flow_method)
-    n_controlled = int(schedule.controlled.sum())
-    window = (cfg.objective.window_min, cfg.objective.window_max or n_controlled)
+    estimator = make_estimator(cfg.objective)
     if accelerator.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
@@ -125,15 +127,12 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         write_summary(accelerator, cfg, pipe, module, family, schedule, reward, prompts, "before")
 
     # ---- the loop
-    kl_backward = local = None
-    if cfg.objective.kl_grad == "all":  # the steps before the window: local backward, reduced with the window's
-        kl_backward = lambda kl: accelerator.backward(cfg.objective.alpha * kl.mean())  # noqa: E731
-        local = lambda: accelerator.no_sync(ddp_module)  # noqa: E731
+    local = lambda: accelerator.no_sync(ddp_module)  # noqa: E731  (partial backwards, all-reduced with a later one)
     b = cfg.optim.batch_size
     bar = tqdm(total=cfg.optim.steps, initial=counters.step, disable=not accelerator.is_main_process, desc="train")
     bad_reward_streak = 0
     while counters.step < cfg.optim.steps:
-        t0 = time.time()
+        t0, lr = time.time(), optimizer.param_groups[0]["lr"]  # the rate this step uses
         all_finite = True  # one non-finite micro-step voids the whole accumulated step
         problem = None  # what the reward returned, if it was not finite
         for micro in range(cfg.optim.grad_accum):
@@ -142,29 +141,28 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             g = torch.Generator(accelerator.device).manual_seed(draw_seed + 1_000_003 * accelerator.process_index)
             idx = torch.randint(len(prompts), (b,), generator=g, device=accelerator.device).tolist()
             batch_prompts = [prompts[i] for i in idx]
-            # one window length K for every process (a draw that ignores the rank): equal work per rank, so none
-            # waits for the slowest at the all-reduce
-            k_window = draw_window(window, n_controlled, torch.Generator().manual_seed(draw_seed))
+            # draws every process must agree on (the window K, the regressed steps) ignore the rank: equal work per
+            # rank, so none waits for the slowest at the all-reduce
+            shared = torch.Generator().manual_seed(draw_seed)
             with accelerator.accumulate(ddp_module):
                 cond = models.encode(pipe, family, batch_prompts, b, cfg.sampler.guidance_scale, cfg.sampler.negative_prompt or None)
                 policy = models.make_denoiser(ddp_module, family, cond, DTYPES[cfg.model.dtype])
                 base = base_denoiser(models.make_denoiser(module, family, cond, DTYPES[cfg.model.dtype]), module)
                 x0 = models.start_noise(pipe, models.latent_shape(pipe, family, b, cfg.model.resolution), g, accelerator.device)
+                task = Task(policy, base, schedule, x0, lambda x: score(reward, models.decode(pipe, family, x), batch_prompts),
+                            cfg.objective.alpha, g, shared, accelerator.backward, local)
                 with accelerator.autocast():
-                    out = rollout(policy, base, schedule, x0, window=k_window, generator=g,
-                                  checkpoint=cfg.objective.checkpointing, kl_backward=kl_backward, local=local)
-                    images = models.decode(pipe, family, out.x)
-                    r = score(reward, images, batch_prompts)
-                parts = soc_loss(r, out.kl, cfg.objective.alpha, out.window)
-                finite, problem_here = _agree(accelerator, is_finite(parts.loss, r), non_finite_message(r, reward.name))
-                problem = problem or problem_here
-                all_finite = all_finite and finite
-                if finite:  # NaN/inf never reaches the weights
-                    accelerator.backward(parts.loss)
+                    est = estimator(task)
+                    finite, problem_here = _agree(accelerator, est.finite(), non_finite_message(est.reward, reward.name))
+                    problem = problem or problem_here
+                    all_finite = all_finite and finite
+                    if finite:  # NaN/inf never reaches the weights
+                        est.backward()
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf) if all_finite else float("nan")
                     if all_finite and is_finite(torch.as_tensor(grad_norm)):
                         optimizer.step()
+                        lr_schedule.step()
                     else:
                         counters.skipped += 1
                         warnings.warn(f"step {counters.step}: {problem or 'non-finite loss or gradient'}; step skipped, weights "
@@ -175,14 +173,15 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             raise RuntimeError(f"{problem}, on {bad_reward_streak} steps in a row: stopping (the weights never saw it; "
                                f"checkpoints already saved in {out_dir} are kept)")
         counters.step += 1
-        logs = {**parts.log_dict(), "grad_norm": float(grad_norm), "skipped": counters.skipped, "step_time": time.time() - t0}
+        logs = {**est.log_dict(), "grad_norm": float(grad_norm), "lr": lr, "skipped": counters.skipped,
+                "step_time": time.time() - t0}
         if hasattr(reward, "last_terms"):
             logs.update({f"reward/{k}": v for k, v in reward.last_terms.items()})
         history.append(logs)
         if cfg.logging.tracker != "none" and counters.step % cfg.logging.every == 0:
             accelerator.log(logs, step=counters.step)
         bar.update(1)
-        bar.set_postfix(reward=f"{parts.reward_mean:.3f}", kl=f"{parts.kl:.3f}", sec=f"{logs['step_time']:.1f}")
+        bar.set_postfix(reward=f"{logs['reward_mean']:.3f}", kl=f"{logs['kl']:.3f}", sec=f"{logs['step_time']:.1f}")
         if cfg.output.checkpoint_every and counters.step % cfg.output.checkpoint_every == 0:
             accelerator.save_state()
             if accelerator.is_main_process:
@@ -192,7 +191,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     bar.close()
     evaluate(counters.step)
     write_summary(accelerator, cfg, pipe, module, family, schedule, reward, prompts, "after",
-                  {"steps": counters.step, "seconds": round(time.time() - started, 1)}, history)
+                  {"steps": counters.step, "seconds": round(time.time() - started, 1), "peak_rss_mb": _peak_rss_mb()}, history)
 
     # ---- the result: adapter + metadata + model card + resolved config; every rank holds the same control
     accelerator.wait_for_everyone()
@@ -211,6 +210,37 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
 
 PUSHED_FILES = ["pytorch_lora_weights.safetensors", "sb_finetune.json", "README.md", "config.yaml", "history.json", "samples/*"]
+
+
+def _lr_schedule(cfg: Config, optimizer, num_processes: int):
+    """diffusers' schedule, counted in optimizer steps. accelerate steps a prepared schedule once per process on each
+    optimizer step (a schedule per sample seen), so its lengths are given in those units."""
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if cfg.optim.lr_schedule == "constant" else cfg.optim.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.optim.warmup_steps * num_processes,
+                         num_training_steps=cfg.optim.steps * num_processes)
+
+
+def _restart_lr_schedule(lr_schedule, cfg: Config, step: int, num_processes: int) -> None:
+    """After a resume, the rate the resumed config's schedule gives at the restored step. (The checkpoint's optimizer
+    holds the rate its own run would use next: with another `optim.steps` or `optim.lr`, a cosine would take one
+    step at the old schedule's rate.)"""
+    inner = lr_schedule.scheduler  # accelerate's wrapper around torch's LambdaLR
+    inner.base_lrs = [cfg.optim.lr] * len(inner.base_lrs)
+    inner.last_epoch = step * num_processes
+    for group, base_lr, factor in zip(inner.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
+        group["lr"] = base_lr * factor(inner.last_epoch)
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024), 1)  # bytes on macOS, KB elsewhere
 
 
 def _cpu_threads() -> int:

@@ -59,6 +59,11 @@ def test_a_short_default_run_raises_the_reward_and_writes_its_summary(tmp_path):
     # the optimum's reference, from the base samples: p_base(0) ≈ 0.11, so −log Z ≈ 2.2 nats, most mass on 0s
     best = summary["optimum"]
     assert 1.0 < best["objective"] < 3.5 and 0 < best["kl"] < best["objective"] and best["target_fraction"] > 0.7
+    # after training it rests on the base and the trained samples together: more effective samples than before
+    assert best["effective_samples"] > summary["optimum_base_only"]["effective_samples"]
+    gap = summary["gap_after"]  # alpha·KL(P_θ ‖ P*) on paths: ≥ 0 up to noise, and what is left to gain
+    assert gap["objective"] > -3 * gap["objective_se"] and gap["objective"] < summary["objective_after"]
+    assert len(summary["kl_per_step_after"]) == 20 and abs(sum(summary["kl_per_step_after"]) - summary["kl_after"]) < 1e-3
     for name in ("samples_before.png", "samples_after.png", "curves.png", "pytorch_lora_weights.safetensors"):
         assert (tmp_path / name).exists(), name
     from sb_finetune.pipelines import SBDDPMPipeline, load_finetuned

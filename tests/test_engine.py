@@ -372,6 +372,26 @@ def test_pathwise_log_ratio_is_the_path_density_ratio(family, method):
     assert float((ALPHA * lr - out.x.double() @ A).std()) < 0.4 * float((ALPHA * kl - out.x.double() @ A).std())
 
 
+@pytest.mark.parametrize("family, method", [("vp", None), ("flow", "posterior")])
+def test_path_log_ratio_scores_paths_of_one_process_against_another(family, method):
+    """Base paths scored against the exact control: exp(Σ log dP_θ/dP_base) reweights them into the control's paths
+    (mean 1; the control's mean endpoint). The flow chain's steep step is uncontrolled: it must add nothing."""
+    from sb_finetune.rollout import path_log_ratio
+
+    _, _, s, policy, base = _gmm_chain(family, 50, A, method)
+    g = torch.Generator().manual_seed(0)
+    out = rollout(base, base, s, torch.randn(20000, 2, generator=g), window=0, generator=g, return_trajectory=True,
+                  return_means=True)
+    ratio = path_log_ratio(policy, s, out.trajectory, out.means)
+    assert (ratio[:, ~s.controlled] == 0).all()
+    w = ratio.sum(1).double().exp()
+    assert abs(float(w.mean()) - 1) < 0.03
+    controlled = rollout(policy, base, s, torch.randn(20000, 2, generator=g), window=0, generator=g).x.double()
+    reweighted = (w[:, None] * out.x.double()).sum(0) / w.sum()
+    assert torch.allclose(reweighted, controlled.mean(0), atol=0.04), (reweighted, controlled.mean(0))
+    assert (reweighted - out.x.double().mean(0)).norm() > 0.3  # the tilt moves the mean: the check has teeth
+
+
 def test_non_memoryless_sampler_misses_the_target():
     """Same exact control, low noise (η = 0.2): the optimum is biased and the KL price is far off."""
     gmm = three_blobs()
@@ -433,3 +453,22 @@ def test_tilted_optimum_from_base_samples_matches_the_closed_form():
         assert abs(best.reward_mean - reward_star) < 0.04
         assert abs(best.kl - (reward_star / alpha - log_z)) < 0.08
         assert 0.2 * len(x) < best.ess < len(x) and abs(float(best.weights.sum()) - 1) < 1e-5
+
+
+def test_tilted_optimum_from_a_proposal_matches_the_closed_form_with_more_effective_samples():
+    """summary.json's estimate: half the samples from the base, half from another process (there: the trained
+    control), weighted against their even mixture by the known density ratio: log Z, E_p*[R] as the closed form,
+    and many more effective samples than as many base samples give where the tilt is strong."""
+    from sb_finetune.objective import tilted_optimum
+
+    gmm, alpha, n = three_blobs(), 0.25, 4000
+    near = gmm.tilted(A, 0.35)  # a stand-in for a control close to the optimum; dQ/dP = exp(R/0.35 − log Z(0.35))
+    x = torch.cat([gmm.sample(n, torch.Generator().manual_seed(4)), near.sample(n, torch.Generator().manual_seed(5))])
+    r = x @ A
+    log_ratio = r / 0.35 - gmm.log_z(A, 0.35)
+    best = tilted_optimum(r, alpha, log_proposal=torch.logaddexp(torch.zeros_like(log_ratio), log_ratio) - math.log(2))
+    base_only = tilted_optimum(gmm.sample(2 * n, torch.Generator().manual_seed(6)) @ A, alpha)
+    target = gmm.tilted(A, alpha)
+    assert abs(best.log_z - gmm.log_z(A, alpha)) < 0.02
+    assert abs(best.reward_mean - float(target.weights @ (target.means @ A))) < 0.03
+    assert best.ess > 3 * base_only.ess

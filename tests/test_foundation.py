@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,22 @@ def test_packages_import_under_sb_finetune_only(tmp_path):
     for bare in ("rewards", "pipelines"):
         r = subprocess.run([sys.executable, "-c", f"import {bare}"], cwd=tmp_path, capture_output=True)
         assert r.returncode != 0, f"a bare '{bare}' package is importable from outside the repo"
+
+
+def test_every_subpackage_is_declared_for_installation():
+    """pyproject lists the packages explicitly (package-dir maps pipelines/ and rewards/): a new subpackage that is
+    not listed imports from the checkout but is missing from a wheel."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    root = Path(__file__).resolve().parents[1]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for name, folder in setup["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            found.add(".".join([name, *init.parent.relative_to(root / folder).parts]))
+    assert found == set(setup["packages"]), f"undeclared: {sorted(found - set(setup['packages']))}"
 
 
 def test_import_is_light(tmp_path):

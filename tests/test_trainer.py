@@ -56,6 +56,21 @@ def test_smoke_training_writes_a_diffusers_lora(tmp_path):
     assert not torch.allclose(before, after)
 
 
+def test_adjoint_matching_trains_with_guidance_and_logs_its_numbers(tmp_path):
+    """estimator=adjoint through the trainer: classifier-free guidance inside the rollout and the lean adjoint,
+    K of the controlled steps regressed, the adapter moves; the log carries reward, KL and the adjoint's size."""
+    from sb_finetune.trainer import train
+
+    result = train(_smoke(tmp_path, "optim.lr=1e-2", "objective.estimator=adjoint", "objective.adjoint_steps=2",
+                          "sampler.guidance_scale=3", "optim.steps=3"))
+    assert result["steps"] == 3 and result["skipped"] == 0
+    for row in result["history"]:
+        assert row["grad_steps"] == 2 and math.isfinite(row["loss"]) and row["adjoint_norm"] > 0 and row["kl"] >= 0
+    assert result["history"][-1]["kl"] > 0  # the control moved off the base
+    weights = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_nan_reward_step_is_skipped_and_training_continues(tmp_path, accum):
     """The NaN comes on the 2nd reward call: with accumulation 2 it voids the whole first step, not half of it."""
@@ -163,19 +178,24 @@ def test_non_differentiable_reward_is_refused_before_the_model_loads():
 
 
 def test_resume_continues_exactly(tmp_path):
-    """4 steps straight == 2 steps, stop, `--resume latest` to 4: same adapter, same step count, same history."""
+    """4 steps straight == 2 steps, stop, `--resume latest` to 4: same adapter, same step count, same history, the
+    learning-rate schedule where it was (cosine with a warm-up step: lr 0, then 1e-2 · (1 + cos(π·i/3))/2)."""
     from sb_finetune.trainer import train
 
-    straight = train(_smoke(tmp_path / "straight", "optim.steps=4", "optim.lr=1e-2"))
-    first = train(_smoke(tmp_path / "split", "optim.steps=2", "optim.lr=1e-2", "output.checkpoint_every=2"))
+    lr = ("optim.lr=1e-2", "optim.lr_schedule=cosine", "optim.warmup_steps=1")
+    straight = train(_smoke(tmp_path / "straight", "optim.steps=4", *lr))
+    first = train(_smoke(tmp_path / "split", "optim.steps=2", *lr, "output.checkpoint_every=2"))
     checkpoint = tmp_path / "split" / "checkpoints" / "checkpoint_0"
     assert (checkpoint / "pytorch_lora_weights.safetensors").exists() and (checkpoint / "config.yaml").exists()
     assert not list(checkpoint.glob("model*.safetensors"))  # the LoRA, not the frozen model, per checkpoint
-    resumed = train(_smoke(tmp_path / "split", "optim.steps=4", "optim.lr=1e-2", "output.checkpoint_every=2"), resume="latest")
+    resumed = train(_smoke(tmp_path / "split", "optim.steps=4", *lr, "output.checkpoint_every=2"), resume="latest")
     assert first["steps"] == 2 and resumed["steps"] == 4 and len(resumed["history"]) == 4
     for k, v in straight["lora"].items():
         assert torch.equal(v, resumed["lora"][k]), k
     assert [h["reward_mean"] for h in straight["history"]] == [h["reward_mean"] for h in resumed["history"]]
+    expected = [0.0] + [1e-2 * (1 + math.cos(math.pi * i / 3)) / 2 for i in range(3)]  # the lr each step used
+    assert [h["lr"] for h in resumed["history"]] == pytest.approx(expected)
+    assert [h["lr"] for h in straight["history"]] == pytest.approx(expected)
     assert any(not torch.equal(v, first["lora"][k]) for k, v in resumed["lora"].items())
 
 
@@ -218,13 +238,14 @@ def _launch_two_ranks(out_dir: Path, *overrides: str) -> None:
     assert sorted(p.name for p in out_dir.glob("rank*.json")) == ["rank0_of_2.json", "rank1_of_2.json"]  # really two
 
 
-@pytest.mark.parametrize("kl_grad", ["window", "all"])
-def test_two_processes_end_with_identical_trained_control(tmp_path, kl_grad):
+@pytest.mark.parametrize("estimator", ["objective.kl_grad=window", "objective.kl_grad=all", "objective.estimator=adjoint"])
+def test_two_processes_end_with_identical_trained_control(tmp_path, estimator):
     """With kl_grad=all every step before the window has its own local backward (DDP's no_sync), reduced with the
-    window's: were they left out of that all-reduce, the ranks would end with different weights."""
+    window's; Adjoint Matching backpropagates each regressed step on its own, all-reduced with the last. Were any
+    left out of that all-reduce, the ranks would end with different weights."""
     from sb_finetune.pipelines import SBStableDiffusionPipeline
 
-    _launch_two_ranks(tmp_path, "optim.steps=4", "optim.lr=1e-2", f"objective.kl_grad={kl_grad}")
+    _launch_two_ranks(tmp_path, "optim.steps=4", "optim.lr=1e-2", estimator, "objective.adjoint_steps=3")
     r0, r1 = (load_file(tmp_path / f"rank{i}_of_2.safetensors") for i in (0, 1))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     lora_b = [v for k, v in r0.items() if "lora_B" in k or "lora.up" in k]

@@ -1,0 +1,99 @@
+"""Estimators of the one objective's gradient: one interface, one file each.
+
+    L(θ) = E_{P_θ} [ alpha · Σ_k KL_k − R(x_N) ]        (DESIGN.md)
+
+An estimator takes a `Task` (policy and base denoisers, schedule, start noise, reward, alpha, random streams) and
+returns an `Estimate`: the batch's numbers (reward, per-step KL and pathwise log-ratio, detached) and a `backward()`
+that leaves an estimate of ∇_θ L in the parameters' `.grad` through `task.backward` (accelerate's, under DDP). The
+two are apart so that the caller checks the numbers (finite on every process) before any gradient is made.
+
+    pathwise   backprop through a random window of the chain          (pathwise.py)
+    adjoint    Adjoint Matching: the control regressed on the lean adjoint   (adjoint.py)
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Protocol
+
+import torch
+from torch import Tensor
+
+from ..objective import is_finite
+from ..rollout import Denoiser
+from ..sde import Schedule
+
+ESTIMATORS = ("pathwise", "adjoint")
+
+
+@dataclass
+class Task:
+    """One batch of the fine-tuning problem, as every estimator sees it."""
+
+    policy: Denoiser  # the adapted model (DDP-wrapped in the trainer)
+    base: Denoiser  # the same model with the adapter off
+    schedule: Schedule
+    x0: Tensor  # start noise [B, ...]
+    reward: Callable[[Tensor], Tensor]  # final state x_N → rewards [B], differentiable (decode + score)
+    alpha: float  # KL weight
+    generator: torch.Generator | None = None  # this process's stream: the chain's noise
+    shared: torch.Generator | None = None  # the same on every process: draws all ranks must agree on
+    backward: Callable[[Tensor], None] = Tensor.backward  # accelerator.backward in the trainer
+    local: Callable[[], ContextManager] = nullcontext  # DDP's no_sync: a backward whose all-reduce a later one does
+
+    @property
+    def controlled(self) -> list[int]:
+        return [k for k in range(self.schedule.num_steps) if bool(self.schedule.controlled[k])]
+
+
+@dataclass
+class Estimate:
+    """What an estimator made of one batch. `backward()` only after `finite()` (on every process)."""
+
+    reward: Tensor  # [B], detached
+    kl: Tensor  # [B, N] per-step KL to the base, nats, detached
+    log_ratio: Tensor  # [B, N] pathwise log dP_θ/dP_base per step, detached
+    alpha: float
+    grad_steps: int  # controlled steps whose control got gradient (the window K; the regressed steps)
+    run_backward: Callable[[], Tensor]  # makes the gradient; returns the surrogate loss it backpropagated
+    checks: tuple[Tensor, ...] = ()  # more tensors that must be finite first (a loss, an adjoint)
+    extra: dict[str, float] = field(default_factory=dict)  # estimator-specific numbers for the log
+    loss: float = math.nan  # the surrogate loss, once backward() ran
+
+    def finite(self) -> bool:
+        return is_finite(self.reward, self.kl, *self.checks)
+
+    def backward(self) -> None:
+        self.loss = float(self.run_backward())
+
+    @property
+    def objective(self) -> float:
+        """alpha · KL − E[R] of the batch: the value L estimates."""
+        return self.alpha * float(self.kl.sum(1).mean()) - float(self.reward.mean())
+
+    def log_dict(self) -> dict[str, float]:
+        r = self.reward.float()
+        return {"loss": self.loss, "reward_mean": float(r.mean()), "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
+                "kl": float(self.kl.sum(1).mean()), "objective": self.objective, "grad_steps": float(self.grad_steps),
+                **self.extra}
+
+
+class Estimator(Protocol):
+    name: str
+
+    def __call__(self, task: Task) -> Estimate: ...
+
+
+def make_estimator(objective) -> Estimator:
+    """The estimator an `ObjectiveConfig` names, with its settings."""
+    if objective.estimator == "pathwise":
+        from .pathwise import Pathwise
+
+        return Pathwise((objective.window_min, objective.window_max or 10**9), objective.checkpointing, objective.kl_grad)
+    if objective.estimator == "adjoint":
+        from .adjoint import AdjointMatching
+
+        return AdjointMatching(objective.adjoint_steps)
+    raise ValueError(f"objective.estimator {objective.estimator!r}: one of {ESTIMATORS}")

@@ -1,0 +1,36 @@
+"""Pathwise: reparameterised backprop of alpha · Σ_k KL_k − R through the last K controlled steps (the window).
+
+K is drawn per batch (`draw_window`: fixed, or uniform in [K_min, K_max]) from the shared stream, so every process
+does the same work. Inside the window the gradient flows through the states into both the policy and the base
+prediction; steps before it run without a graph (with `kl_grad="all"` their KL terms get a local backward each).
+E[grad] = Σ_j p_j g_j with p_j = P(step j inside the window): j/n for K ~ U[1, n] (DESIGN.md, "Random window").
+"""
+
+from __future__ import annotations
+
+from ..objective import soc_loss
+from ..rollout import WindowSpec, draw_window, rollout
+from . import Estimate, Task
+
+
+class Pathwise:
+    name = "pathwise"
+
+    def __init__(self, window: WindowSpec = None, checkpoint: bool = False, kl_grad: str = "window"):
+        self.window, self.checkpoint, self.kl_grad = window, checkpoint, kl_grad
+
+    def __call__(self, task: Task) -> Estimate:
+        k_window = draw_window(self.window, len(task.controlled), task.shared)
+        kl_backward = None
+        if self.kl_grad == "all":  # the steps before the window: one local backward each, reduced with the window's
+            kl_backward = lambda kl: task.backward(task.alpha * kl.mean())  # noqa: E731
+        out = rollout(task.policy, task.base, task.schedule, task.x0, window=k_window, generator=task.generator,
+                      checkpoint=self.checkpoint, kl_backward=kl_backward, local=task.local)
+        r = task.reward(out.x)
+        parts = soc_loss(r, out.kl, task.alpha, out.window)
+
+        def backward():
+            task.backward(parts.loss)
+            return parts.loss.detach()
+
+        return Estimate(r.detach(), out.kl.detach(), out.log_ratio, task.alpha, out.window, backward, checks=(parts.loss,))
