@@ -1,6 +1,9 @@
 """Benchmark: peak memory and time of one training step on the tiny SD kit, vs. the chain length N and window K.
 
-    python benchmarks/memory.py            # the full table (~2 minutes)
+    python benchmarks/memory.py            # the full table (~3 minutes)
+
+Pathwise rows: K is the gradient window. Adjoint Matching rows ("adjoint"): K is the number of steps regressed,
+each backpropagated on its own after the lean adjoint's N vector–Jacobian products: memory flat in N and K.
 
 Each row runs in a fresh process (torch tensors are invisible to tracemalloc; ru_maxrss is a peak, so
 one measurement per process). Peak = max RSS during the step − RSS before it. Floor = the time of the
@@ -18,13 +21,14 @@ import sys
 import time
 
 
-def child(n: int, k: int, ckpt: bool, batch: int) -> dict:
+def child(n: int, k: int, ckpt: bool, batch: int, estimator: str = "pathwise") -> dict:
     import torch
 
     from sb_finetune import models
     from sb_finetune.control import add_lora_control, base_denoiser
-    from sb_finetune.objective import soc_loss
-    from sb_finetune.rollout import rollout
+    from sb_finetune.estimators import Task
+    from sb_finetune.estimators.adjoint import AdjointMatching
+    from sb_finetune.estimators.pathwise import Pathwise
     from sb_finetune.sde import make_schedule
     from sb_finetune.testing import tiny_sd_pipeline
 
@@ -41,9 +45,10 @@ def child(n: int, k: int, ckpt: bool, batch: int) -> dict:
         policy(x, schedule.timesteps[0])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    out = rollout(policy, base, schedule, x, window=k, generator=torch.Generator().manual_seed(0), checkpoint=ckpt)
-    images = models.decode(pipe, "sd", out.x)
-    soc_loss(images.mean(dim=(1, 2, 3)), out.kl, 1.0, out.window).loss.backward()
+    make = AdjointMatching(k) if estimator == "adjoint" else Pathwise(k, ckpt)
+    reward = lambda latents: models.decode(pipe, "sd", latents).mean(dim=(1, 2, 3))  # noqa: E731
+    est = make(Task(policy, base, schedule, x, reward, 1.0, generator=torch.Generator().manual_seed(0)))
+    est.backward()
     step = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
     assert all(p.grad is not None for p in params) or k == 0
@@ -53,27 +58,30 @@ def child(n: int, k: int, ckpt: bool, batch: int) -> dict:
             policy(x, t)
             base(x, t)
         floor = time.perf_counter() - t0
-    return {"N": n, "K": k, "checkpoint": ckpt, "peak_mb": peak / 1024, "step_s": step, "floor_s": floor, "ratio": step / floor}
+    return {"estimator": estimator, "N": n, "K": k, "checkpoint": ckpt, "peak_mb": peak / 1024, "step_s": step, "floor_s": floor,
+            "ratio": step / floor}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--child", nargs=3, metavar=("N", "K", "CKPT"))
+    parser.add_argument("--child", nargs=4, metavar=("N", "K", "CKPT", "ESTIMATOR"))
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
     if args.child:
         n, k, ckpt = int(args.child[0]), int(args.child[1]), args.child[2] == "1"
-        print(json.dumps(child(n, k, ckpt, args.batch)))
+        print(json.dumps(child(n, k, ckpt, args.batch, args.child[3])))
         return
-    rows = [(n, 5, False) for n in (10, 25, 50, 100)]
-    rows += [(50, k, c) for k in (1, 5, 10, 50) for c in (False, True)]
+    rows = [("pathwise", n, 5, False) for n in (10, 25, 50, 100)]
+    rows += [("pathwise", 50, k, c) for k in (1, 5, 10, 50) for c in (False, True)]
+    rows += [("adjoint", n, 5, False) for n in (10, 50, 100)] + [("adjoint", 50, k, False) for k in (1, 50)]
     print(f"tiny SD (latent 4×16×16), batch {args.batch}, one training step; fresh process per row")
-    print(f"{'N':>4s} {'K':>4s} {'ckpt':>5s} {'peak MB':>8s} {'step s':>7s} {'floor s':>8s} {'step/floor':>10s}")
-    for n, k, c in rows:
-        r = subprocess.run([sys.executable, __file__, "--child", str(n), str(k), "1" if c else "0", "--batch", str(args.batch)],
+    print(f"{'estimator':>9s} {'N':>4s} {'K':>4s} {'ckpt':>5s} {'peak MB':>8s} {'step s':>7s} {'floor s':>8s} {'step/floor':>10s}")
+    for name, n, k, c in rows:
+        r = subprocess.run([sys.executable, __file__, "--child", str(n), str(k), "1" if c else "0", name, "--batch", str(args.batch)],
                            capture_output=True, text=True, check=True)
         row = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"{row['N']:4d} {row['K']:4d} {str(row['checkpoint']):>5s} {row['peak_mb']:8.1f} {row['step_s']:7.2f} {row['floor_s']:8.2f} {row['ratio']:10.2f}", flush=True)
+        print(f"{name:>9s} {row['N']:4d} {row['K']:4d} {str(row['checkpoint']):>5s} {row['peak_mb']:8.1f} {row['step_s']:7.2f} "
+              f"{row['floor_s']:8.2f} {row['ratio']:10.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,22 +24,27 @@ import time
 import torch
 
 from sb_finetune.analytic import MLPControl, fit_control, mixture_chain, objective_gap, three_blobs
+from sb_finetune.costs import Costs
+from sb_finetune.estimators.adjoint import AdjointMatching
 from sb_finetune.rollout import rollout
 
 A = torch.tensor([0.5, 0.5])
 ALPHA = 1.0
 N = 50
 
-# name: (family, eta, window, flow_method)
+# name: (family, eta, window, flow_method, estimator)
 RUNS = {
-    "vp": ("vp", 1.0, None, None),
-    "flow": ("flow", 1.0, None, "euler_maruyama"),
-    "flow_posterior": ("flow", 1.0, None, "posterior"),
-    "vp_eta0.2": ("vp", 0.2, None, None),
-    "flow_c0.1": ("flow", 0.1**0.5, None, "euler_maruyama"),
-    "vp_K5_fixed": ("vp", 1.0, 5, None),
-    "vp_K5-50": ("vp", 1.0, (5, 50), None),
-    "vp_full_backprop": ("vp", 1.0, 50, None),
+    "vp": ("vp", 1.0, None, None, "pathwise"),
+    "flow": ("flow", 1.0, None, "euler_maruyama", "pathwise"),
+    "flow_posterior": ("flow", 1.0, None, "posterior", "pathwise"),
+    "vp_adjoint": ("vp", 1.0, None, None, "adjoint"),
+    "flow_adjoint": ("flow", 1.0, None, "euler_maruyama", "adjoint"),
+    "flow_posterior_adjoint": ("flow", 1.0, None, "posterior", "adjoint"),
+    "vp_eta0.2": ("vp", 0.2, None, None, "pathwise"),
+    "flow_c0.1": ("flow", 0.1**0.5, None, "euler_maruyama", "pathwise"),
+    "vp_K5_fixed": ("vp", 1.0, 5, None, "pathwise"),
+    "vp_K5-50": ("vp", 1.0, (5, 50), None, "pathwise"),
+    "vp_full_backprop": ("vp", 1.0, 50, None, "pathwise"),
 }
 
 
@@ -51,16 +56,19 @@ def setup(family: str, eta: float, method: str | None):
 
 
 def run(name: str, iters: int, batch: int, seed: int = 0, lr: float = 1e-2, final_lr: float = 1e-4, hidden: int = 64,
-        time_features: int = 4) -> dict:
-    family, eta, window, method = RUNS[name]
+        time_features: int = 4, adjoint_steps: int | None = None) -> dict:
+    family, eta, window, method, estimator = RUNS[name]
     gmm, schedule, base, exact = setup(family, eta, method)
     target = gmm.tilted(A.double(), ALPHA)
     torch.manual_seed(seed)
     control = MLPControl(base, hidden=hidden, time_features=time_features)
+    costs = Costs()
     t0 = time.time()
     fit_control(control, schedule, lambda x: x @ A, ALPHA, iterations=iters, batch=batch, window=window, seed=seed,
-                lr=lr, final_lr=final_lr)
+                lr=lr, final_lr=final_lr, estimator=AdjointMatching(adjoint_steps) if estimator == "adjoint" else None,
+                costs=costs)
     seconds = time.time() - t0
+    per_path = costs.per(iters * batch)
     out, gap, se = evaluate(control, base, schedule, gmm, seed + 1)
     exact_out, exact_gap, _ = evaluate(exact, base, schedule, gmm, seed + 1)
     # the chain's own optimum, −alpha·log E_base[exp(R/alpha)] on this 50-step chain, by importance weights on the
@@ -79,6 +87,11 @@ def run(name: str, iters: int, batch: int, seed: int = 0, lr: float = 1e-2, fina
         "floor": floor,
         "kl": float(out.kl.sum(1).mean()),
         "seconds": round(seconds, 1),
+        # per trained path: model calls forward / backward (policy and base together), reward values / gradients
+        "model_fwd": per_path.get("policy_fwd", 0) + per_path.get("base_fwd", 0),
+        "model_bwd": per_path.get("policy_bwd", 0) + per_path.get("base_bwd", 0),
+        "reward": per_path.get("reward_fwd", 0),
+        "reward_grad": per_path.get("reward_bwd", 0),
     }
 
 
@@ -99,20 +112,22 @@ def main() -> None:
     parser.add_argument("--final-lr", type=float, default=1e-4)
     parser.add_argument("--hidden", type=int, default=64, help="control network width")
     parser.add_argument("--time-features", type=int, default=4, help="sin/cos features of t fed to the control network (0: t alone)")
+    parser.add_argument("--adjoint-steps", type=int, default=None, help="adjoint runs: steps regressed per path (default all)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     gmm = three_blobs()
     print(f"target weights {gmm.tilted(A.double(), ALPHA).weights.numpy().round(3)}  base {gmm.weights.numpy()}  "
           f"-alpha log Z = {-ALPHA * gmm.log_z(A.double(), ALPHA):.4f}  N={N} batch={args.batch} iters={args.iters}")
-    print(f"{'run':18s} {'weights_err':>11s} {'means_err':>9s} {'obj_gap':>15s} {'exact_gap':>9s} {'floor':>7s} {'KL':>7s} {'sec':>6s}")
+    print(f"{'run':22s} {'weights_err':>11s} {'means_err':>9s} {'obj_gap':>15s} {'exact_gap':>9s} {'floor':>7s} {'KL':>7s} "
+          f"{'fwd/path':>8s} {'bwd/path':>8s} {'R/path':>6s} {'dR/path':>7s} {'sec':>6s}")
     rows = []
     for name in args.runs:
         row = run(name, args.iters, args.batch, lr=args.lr, final_lr=args.final_lr, hidden=args.hidden,
-                  time_features=args.time_features)
+                  time_features=args.time_features, adjoint_steps=args.adjoint_steps)
         rows.append(row)
         gap = f"{row['objective_gap']:.4f} ± {row['objective_gap_se']:.4f}"
-        print(f"{name:18s} {row['weights_err']:11.4f} {row['means_err']:9.4f} {gap:>15s} {row['exact_gap']:9.4f} {row['floor']:7.4f} {row['kl']:7.4f} "
-              f"{row['seconds']:6.1f}", flush=True)
+        print(f"{name:22s} {row['weights_err']:11.4f} {row['means_err']:9.4f} {gap:>15s} {row['exact_gap']:9.4f} {row['floor']:7.4f} {row['kl']:7.4f} "
+              f"{row['model_fwd']:8.1f} {row['model_bwd']:8.1f} {row['reward']:6.1f} {row['reward_grad']:7.1f} {row['seconds']:6.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

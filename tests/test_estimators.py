@@ -262,3 +262,30 @@ def test_make_estimator_reads_the_config():
         load_config(None, ["objective.estimator=reinforce"])
     with pytest.raises(ConfigError, match="objective.adjoint_steps"):
         load_config(None, ["objective.adjoint_steps=0"])
+
+
+@pytest.mark.parametrize("family, method", [("vp", "posterior"), ("flow", "posterior")])
+def test_each_estimator_makes_exactly_the_model_calls_it_owes(family, method):
+    """What the mixture benchmark prints per path, pinned down (n controlled of N steps, K regressed): pathwise over
+    the full window, n policy calls and N base calls (the KL's, and the uncontrolled steps'), each backpropagated
+    (the last base step's output needs no gradient); Adjoint Matching, the rollout's n policy calls without the base
+    on controlled steps, N base calls for the adjoint of which N − 1 are vector–Jacobian products, then K policy calls
+    with their backward. One reward value and one reward gradient per path for both."""
+    from sb_finetune.costs import Costs
+
+    s, denoiser = mixture_chain(family, 10, flow_method=method)
+    base = denoiser(three_blobs())
+    n, big_n = int(s.controlled.sum()), s.num_steps
+    assert n < big_n  # an uncontrolled step, whose base call both count
+    for estimator, k in ((None, None), (AdjointMatching(None), n), (AdjointMatching(3), 3)):
+        costs = Costs()
+        fit_control(MLPControl(base), s, lambda x: x @ A.float(), 1.0, iterations=2, batch=4, window=big_n,
+                    estimator=estimator, costs=costs)
+        per = costs.per(8)
+        assert per["reward_fwd"] == per["reward_bwd"] == 1
+        if estimator is None:
+            assert (per["policy_fwd"], per["policy_bwd"], per["base_fwd"], per["base_bwd"]) == (n, n, big_n, big_n - 1)
+        else:
+            assert (per["policy_fwd"], per["policy_bwd"]) == (n + k, k)
+            assert (per["base_fwd"], per["base_bwd"]) == (big_n - n + big_n, big_n - 1)
+

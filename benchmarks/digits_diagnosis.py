@@ -1,0 +1,248 @@
+"""Benchmark: why the digits default overpays KL — the distance to the tilted optimum, cause by cause.
+
+    python benchmarks/digits_diagnosis.py                      # every row (about 2 hours on 2 CPU cores)
+    python benchmarks/digits_diagnosis.py before n10 adjoint   # some rows
+    python benchmarks/digits_diagnosis.py --report-only        # the table of rows already run
+    python benchmarks/digits_diagnosis.py --optimum-profile    # the optimum's own per-step KL (about 7 minutes)
+    python benchmarks/digits_diagnosis.py --gradient-noise cosine steps240  # is the trained control stationary?
+
+Every row trains the digits default (configs/digits.yaml: target 0, alpha 1, 20 DDPM steps) with its changes, each in
+a fresh process (its own wall and peak memory), then measures on 512 samples: the objective's distance to the optimum
+p_base · exp(R/alpha) (`gap` = alpha · KL(P_θ ‖ P*) on paths, estimated path by path with the pathwise log-ratio; the
+optimum from the base and the trained samples together, summary.json's), the KL's excess, the target fraction, and
+where the excess sits: the per-step KL in three phases (early t ≥ 599, mid 549–399, late ≤ 349 on the 20-step grid)
+and the gap split between the samples that end as the target digit and those that do not.
+
+Rows, by cause (each against `cosine`: the old default, 80 steps at lr 3e-3, with a cosine decay):
+    (a) the chain       n10, n50: N = 10 / 50 sampling steps (default: 20)
+    (b) the estimator   full_window (K = N always: the unbiased pathwise gradient), adjoint (Adjoint Matching),
+                        no_grad_clip
+    (c) capacity        rank64_all: rank 64 on every conv and linear layer (full rank for this UNet: the upper bound)
+    (d) optimisation    before (the old default: constant learning rate), steps240, batch96, batch16_steps160, lr1e-3,
+                        lr1e-2 (10 warm-up steps), batch96_lr1e-2
+    together            rank64_all_steps240
+    training noise      cosine_seed1, cosine_seed2: the same run from other seeds (how far apart two rows must be)
+    default             the default config as it is now (cosine decay, 180 steps, checkpointing: under 2 GB), and
+                        default_7_alpha0.5: the same on another digit and alpha, untuned
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_MODULES = "control.target_modules=[conv1,conv2,conv_shortcut,time_emb_proj,to_q,to_k,to_v,to_out.0,conv,conv_in,conv_out,linear_1,linear_2]"
+BEFORE = ["optim.steps=80", "optim.lr_schedule=constant", "objective.checkpointing=false"]  # the default before the fix
+COSINE = [*BEFORE, "optim.lr_schedule=cosine"]
+ROWS = {  # every row but `before` and `default` changes one thing against `cosine`
+    "before": ("the old default", BEFORE),
+    "cosine": ("(d) optimisation", COSINE),
+    "cosine_seed1": ("training noise", [*COSINE, "optim.seed=1"]),
+    "cosine_seed2": ("training noise", [*COSINE, "optim.seed=2"]),
+    "n10": ("(a) chain", [*COSINE, "sampler.steps=10"]),
+    "n50": ("(a) chain", [*COSINE, "sampler.steps=50"]),
+    "full_window": ("(b) estimator", [*COSINE, "objective.window_min=20"]),
+    "adjoint": ("(b) estimator", [*COSINE, "objective.estimator=adjoint"]),
+    "no_grad_clip": ("(b) estimator", [*COSINE, "optim.max_grad_norm=0"]),
+    "rank64_all": ("(c) capacity", [*COSINE, "control.rank=64", ALL_MODULES]),
+    "steps240": ("(d) optimisation", [*COSINE, "optim.steps=240"]),
+    "batch96": ("(d) optimisation", [*COSINE, "optim.batch_size=96"]),
+    "batch16_steps160": ("(d) optimisation", [*COSINE, "optim.batch_size=16", "optim.steps=160"]),
+    "lr1e-3": ("(d) optimisation", [*COSINE, "optim.lr=1e-3"]),
+    "lr1e-2": ("(d) optimisation", [*COSINE, "optim.lr=1e-2", "optim.warmup_steps=10"]),
+    "batch96_lr1e-2": ("(d) optimisation", [*COSINE, "optim.batch_size=96", "optim.lr=1e-2", "optim.warmup_steps=10"]),
+    "rank64_all_steps240": ("together", [*COSINE, "control.rank=64", ALL_MODULES, "optim.steps=240"]),
+    "default": ("the new default", []),
+    "default_7_alpha0.5": ("the new default", ["reward.kwargs.target=7", "objective.alpha=0.5"]),
+}
+SAMPLES = 512
+
+
+def run_row(name: str, out: str, extra: list[str]) -> None:
+    """Train in a fresh process (the default config + this row's changes), then measure."""
+    overrides = [*ROWS[name][1], *extra, f"output.dir={out}", f"logging.summary_samples={SAMPLES}"]
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/digits.yaml"),
+                    *overrides], check=True, cwd=ROOT)
+    write_measure(out)
+
+
+def write_measure(out: str) -> None:
+    with open(os.path.join(out, "diagnosis.json"), "w") as f:
+        json.dump(measure(out), f, indent=1)
+
+
+def measure(folder: str) -> dict:
+    """The summary's numbers, plus where the excess sits: KL by phase, the gap split by outcome."""
+    import torch
+
+    from sb_finetune.config import load_config
+    from sb_finetune.data import load_prompts
+    from sb_finetune.evaluation import sample_paths
+    from sb_finetune.models import denoiser_module
+    from sb_finetune.pipelines import load_finetuned
+    from sb_finetune.rewards import load_reward
+    from sb_finetune.sde import make_schedule
+
+    with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+    cfg = load_config(os.path.join(folder, "config.yaml"))
+    pipe = load_finetuned(folder)
+    reward = load_reward(cfg.reward.name, **cfg.reward.kwargs)
+    schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta)
+    paths = sample_paths(pipe, denoiser_module(pipe), "unet2d", schedule, reward, load_prompts(cfg.prompts), SAMPLES, 128,
+                         seed=777)
+    alpha, log_z = cfg.objective.alpha, -summary["optimum"]["objective"] / cfg.objective.alpha
+    per_path = alpha * paths.log_ratio.sum(1).double() - paths.reward.double() + alpha * log_z  # alpha·log dP_θ/dP*
+    with torch.no_grad():
+        hit = reward.logits(paths.images).argmax(1) == cfg.reward.kwargs.get("target", 0)
+    t = schedule.timesteps
+    phases = {"early": t >= 599, "mid": (t < 599) & (t >= 399), "late": t < 399}
+    kl = paths.kl.mean(0)
+    return {
+        "name": os.path.basename(folder), "steps": summary["steps"], "seconds": summary["seconds"],
+        "peak_rss_mb": summary.get("peak_rss_mb"), "target_fraction": summary["target_fraction_after"],
+        "kl": summary["kl_after"], "objective": summary["objective_after"], "gap": summary["gap_after"]["objective"],
+        "gap_se": summary["gap_after"]["objective_se"], "kl_excess": summary["gap_after"]["kl"],
+        "optimum": summary["optimum"],
+        **{f"kl_{p}": float(kl[m].sum()) for p, m in phases.items()},
+        "hit_share": float(hit.float().mean()),
+        "gap_from_hits": float((per_path * hit).mean()), "gap_from_misses": float((per_path * ~hit).mean()),
+        "excess_per_hit": float(per_path[hit].mean()), "excess_per_miss": float(per_path[~hit].mean()) if (~hit).any() else math.nan,
+        "kl_per_step": summary["kl_per_step_after"],
+    }
+
+
+def report(rows: list[dict]) -> None:
+    print("gap = alpha·KL(P_θ ‖ P*) on paths (nats, ± standard error); KL excess = KL − KL*; frac = target fraction;"
+          " * = the row's own optimum (base and trained samples together); KL by phase; the gap split by outcome")
+    print(f"{'row':20s} {'cause':17s} {'gap':>11s} {'KL excess':>9s} {'frac (*)':>13s} {'objective (*)':>13s} "
+          f"{'KL early/mid/late':>17s} {'gap: hits + misses':>18s} {'per miss':>8s} {'sec':>5s} {'RSS MB':>7s}")
+    for r in rows:
+        cause, opt = ROWS.get(r["name"], ("",))[0], r["optimum"]
+        print(f"{r['name']:20s} {cause:17s} {r['gap']:5.2f} ± {r['gap_se']:.2f} {r['kl_excess']:9.2f} "
+              f"{r['target_fraction']:6.3f} ({opt.get('target_fraction', math.nan):.3f}) {r['objective']:5.2f} ({opt['objective']:5.2f}) "
+              f"{r['kl_early']:5.2f}/{r['kl_mid']:4.2f}/{r['kl_late']:4.2f}   {r['gap_from_hits']:5.2f} + {r['gap_from_misses']:4.2f}    "
+              f"{r['excess_per_miss']:8.2f} {r['seconds']:5.0f} {r['peak_rss_mb'] or math.nan:7.0f}")
+
+
+def optimum_profile(continuations: int = 32, paths: int = 48, n_base: int = 2048) -> None:
+    """The optimum's per-step KL on the 20-step chain, from base paths resampled by exp(R/alpha) and base continuations
+    from each of their states (`sb_finetune.objective.optimum_kl_profile`), beside its total KL(p* ‖ p_base)."""
+    import torch
+
+    from sb_finetune import models
+    from sb_finetune.config import load_config
+    from sb_finetune.data import load_pipeline
+    from sb_finetune.objective import optimum_kl_profile, tilted_optimum
+    from sb_finetune.rewards import load_reward
+    from sb_finetune.rollout import rollout
+    from sb_finetune.sde import make_schedule
+
+    torch.set_flush_denormal(True)
+    cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"))
+    pipe = load_pipeline(cfg.model)
+    schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta)
+    base = models.make_denoiser(pipe.unet, "unet2d", models.encode(pipe, "unet2d", None, 1))
+    judge = load_reward(cfg.reward.name, **cfg.reward.kwargs)
+
+    def reward(x):
+        return judge(models.decode(pipe, "unet2d", x), [""] * x.shape[0])
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        states, rewards = [], []
+        for _ in range(n_base // 512):
+            out = rollout(base, base, schedule, torch.randn(512, 1, 16, 16, generator=g), window=0, generator=g, return_trajectory=True)
+            states.append(torch.stack(out.trajectory))
+            rewards.append(reward(out.x))
+        states, r = torch.cat(states, 1), torch.cat(rewards)
+        best = tilted_optimum(r, cfg.objective.alpha)
+        pick = torch.multinomial(best.weights.double(), paths, replacement=True, generator=g)
+        profile, gaussian = optimum_kl_profile(base, schedule, reward, cfg.objective.alpha, list(states[:, pick]), continuations,
+                                               generator=g)
+    print(f"optimum from {n_base} base samples: objective {best.objective:.3f}, KL {best.kl:.3f} (ESS {best.ess:.0f})")
+    print("timestep   " + " ".join(f"{int(t):5d}" for t in schedule.timesteps))
+    print("KL*_k      " + " ".join(f"{float(v):5.2f}" for v in profile) + f"   sum {float(profile.sum()):.2f}")
+    print("cumulative " + " ".join(f"{float(v):5.2f}" for v in profile.cumsum(0)))
+    print("mean-shift " + " ".join(f"{float(v):5.2f}" for v in gaussian) + f"   sum {float(gaussian.sum()):.2f}")
+
+
+def gradient_noise(folder: str, batches: int = 16) -> None:
+    """At a trained adapter: the mean of `batches` independent gradients against their spread. A stationary control
+    has a mean no larger than the mean's own noise."""
+    import torch
+
+    from sb_finetune import models
+    from sb_finetune.config import load_config
+    from sb_finetune.control import add_lora_control, base_denoiser, load_lora_control
+    from sb_finetune.data import load_pipeline
+    from sb_finetune.estimators import Task, make_estimator
+    from sb_finetune.rewards import load_reward
+    from sb_finetune.sde import make_schedule
+
+    torch.set_flush_denormal(True)
+    cfg = load_config(os.path.join(folder, "config.yaml"))
+    pipe = load_pipeline(cfg.model)
+    params = add_lora_control(pipe.unet, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
+    load_lora_control(pipe.unet, folder)
+    schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta)
+    judge = load_reward(cfg.reward.name, **cfg.reward.kwargs)
+    b = cfg.optim.batch_size
+    policy = models.make_denoiser(pipe.unet, "unet2d", models.encode(pipe, "unet2d", None, b))
+    base = base_denoiser(policy, pipe.unet)
+    estimator = make_estimator(cfg.objective)
+    grads = []
+    for i in range(batches):
+        g = torch.Generator().manual_seed(10_000 + i)
+        for p in params:
+            p.grad = None
+        est = estimator(Task(policy, base, schedule, torch.randn(b, 1, 16, 16, generator=g),
+                             lambda x: judge(models.decode(pipe, "unet2d", x), [""] * b), cfg.objective.alpha, generator=g,
+                             shared=torch.Generator().manual_seed(i)))
+        est.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    grads = torch.stack(grads)
+    mean, spread = grads.mean(0), (grads - grads.mean(0)).pow(2).sum(1).mean().sqrt()
+    signal = math.sqrt(max(float(mean.norm()) ** 2 - float(spread) ** 2 / batches, 0.0))
+    print(f"{os.path.basename(folder):20s} batch {b}: |mean gradient| {float(mean.norm()):.2f} (its noise {float(spread) / math.sqrt(batches):.2f}, "
+          f"signal ≈ {signal:.2f}); one batch's |gradient| {float(grads.norm(dim=1).mean()):.2f}: signal/noise per batch {signal / float(spread):.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rows", nargs="*", default=list(ROWS), help=f"rows to run, of {list(ROWS)}")
+    parser.add_argument("--out", default=os.path.join(ROOT, "outputs/digits_diagnosis"))
+    parser.add_argument("--report-only", action="store_true", help="no training: the table of the rows already run")
+    parser.add_argument("--measure-only", action="store_true", help="no training: measure the rows' trained folders again")
+    parser.add_argument("--optimum-profile", action="store_true", help="the optimum's per-step KL (branching estimate)")
+    parser.add_argument("--gradient-noise", action="store_true", help="mean gradient vs its noise at the rows' adapters")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every row")
+    args = parser.parse_args()
+    if args.optimum_profile:
+        optimum_profile()
+        return
+    if args.gradient_noise:
+        for name in args.rows:
+            gradient_noise(os.path.join(args.out, name))
+        return
+    rows = []
+    for name in args.rows:
+        out = os.path.join(args.out, name)
+        if args.measure_only:
+            write_measure(out)
+        elif not args.report_only:
+            run_row(name, out, args.set)
+        if os.path.isfile(os.path.join(out, "diagnosis.json")):
+            with open(os.path.join(out, "diagnosis.json")) as f:
+                rows.append(json.load(f))
+    if rows:
+        report(rows)
+
+
+if __name__ == "__main__":
+    main()
