@@ -4,7 +4,8 @@
     python benchmarks/digits_diagnosis.py before n10 adjoint   # some rows
     python benchmarks/digits_diagnosis.py --report-only        # the table of rows already run
     python benchmarks/digits_diagnosis.py --optimum-profile    # the optimum's own per-step KL (about 7 minutes)
-    python benchmarks/digits_diagnosis.py --gradient-noise cosine steps240  # is the trained control stationary?
+    python benchmarks/digits_diagnosis.py --gradient-noise cosine steps240 --batches 48   # is the control stationary?
+    python benchmarks/digits_diagnosis.py --gradient-noise steps240 --batches 48 --set objective.window_min=20
 
 Every row trains the digits default (configs/digits.yaml: target 0, alpha 1, 20 DDPM steps) with its changes, each in
 a fresh process (its own wall and peak memory), then measures on 512 samples: the objective's distance to the optimum
@@ -172,9 +173,10 @@ def optimum_profile(continuations: int = 32, paths: int = 48, n_base: int = 2048
     print("mean-shift " + " ".join(f"{float(v):5.2f}" for v in gaussian) + f"   sum {float(gaussian.sum()):.2f}")
 
 
-def gradient_noise(folder: str, batches: int = 16) -> None:
+def gradient_noise(folder: str, batches: int = 16, overrides: list[str] | None = None) -> None:
     """At a trained adapter: the mean of `batches` independent gradients against their spread. A stationary control
-    has a mean no larger than the mean's own noise."""
+    has a mean no larger than the mean's own noise. `overrides` change the estimator the gradient is taken with (e.g.
+    objective.window_min=20: the full window's, the unbiased gradient of the objective itself)."""
     import torch
 
     from sb_finetune import models
@@ -186,7 +188,7 @@ def gradient_noise(folder: str, batches: int = 16) -> None:
     from sb_finetune.sde import make_schedule
 
     torch.set_flush_denormal(True)
-    cfg = load_config(os.path.join(folder, "config.yaml"))
+    cfg = load_config(os.path.join(folder, "config.yaml"), list(overrides or []))
     pipe = load_pipeline(cfg.model)
     params = add_lora_control(pipe.unet, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
     load_lora_control(pipe.unet, folder)
@@ -209,7 +211,7 @@ def gradient_noise(folder: str, batches: int = 16) -> None:
     grads = torch.stack(grads)
     mean, spread = grads.mean(0), (grads - grads.mean(0)).pow(2).sum(1).mean().sqrt()
     signal = math.sqrt(max(float(mean.norm()) ** 2 - float(spread) ** 2 / batches, 0.0))
-    print(f"{os.path.basename(folder):20s} batch {b}: |mean gradient| {float(mean.norm()):.2f} (its noise {float(spread) / math.sqrt(batches):.2f}, "
+    print(f"{os.path.basename(folder):20s} {' '.join(overrides or [])} batch {b}, {batches} batches: |mean gradient| {float(mean.norm()):.2f} (its noise {float(spread) / math.sqrt(batches):.2f}, "
           f"signal ≈ {signal:.2f}); one batch's |gradient| {float(grads.norm(dim=1).mean()):.2f}: signal/noise per batch {signal / float(spread):.2f}")
 
 
@@ -221,14 +223,16 @@ def main() -> None:
     parser.add_argument("--measure-only", action="store_true", help="no training: measure the rows' trained folders again")
     parser.add_argument("--optimum-profile", action="store_true", help="the optimum's per-step KL (branching estimate)")
     parser.add_argument("--gradient-noise", action="store_true", help="mean gradient vs its noise at the rows' adapters")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every row")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every row (with --gradient-noise: for the gradient's estimator)")
+    parser.add_argument("--batches", type=int, default=16, help="--gradient-noise: independent batch gradients")
     args = parser.parse_args()
     if args.optimum_profile:
         optimum_profile()
         return
     if args.gradient_noise:
         for name in args.rows:
-            gradient_noise(os.path.join(args.out, name))
+            gradient_noise(os.path.join(args.out, name), args.batches, args.set)
         return
     rows = []
     for name in args.rows:
