@@ -176,6 +176,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'objective.adjoint_steps': must be >= 1 (or null for all), got {o.adjoint_steps}")
     if o.window_min < 0 or (o.window_max is not None and o.window_max < o.window_min):
         raise ConfigError(f"config keys 'objective.window_min/max': need 0 <= min <= max, got {o.window_min}, {o.window_max}")
+    # knobs of one estimator set for another would be ignored without a word: say so instead
+    if o.estimator != "adjoint" and o.adjoint_steps is not None:
+        raise ConfigError(f"config key 'objective.adjoint_steps': only for objective.estimator=adjoint (got {o.estimator!r})")
+    ignored = [k for k, v, default in (("window_min", o.window_min, 1), ("window_max", o.window_max, None),
+                                       ("kl_grad", o.kl_grad, "window")) if v != default]
+    if o.estimator == "adjoint" and ignored:
+        raise ConfigError(f"config keys {', '.join(f'objective.{k}' for k in ignored)}: only for the pathwise estimator; "
+                          f"objective.estimator=adjoint regresses on objective.adjoint_steps steps drawn across the chain")
     if cfg.prompts.file is not None and not os.path.isfile(cfg.prompts.file):
         raise ConfigError(f"config key 'prompts.file': no such file: {cfg.prompts.file}")
 

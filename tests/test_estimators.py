@@ -261,7 +261,13 @@ def test_make_estimator_reads_the_config():
     with pytest.raises(ConfigError, match="objective.estimator"):
         load_config(None, ["objective.estimator=reinforce"])
     with pytest.raises(ConfigError, match="objective.adjoint_steps"):
-        load_config(None, ["objective.adjoint_steps=0"])
+        load_config(None, ["objective.estimator=adjoint", "objective.adjoint_steps=0"])
+    # one estimator's knobs set for the other would be ignored: a clear stop instead
+    with pytest.raises(ConfigError, match="'objective.adjoint_steps': only for objective.estimator=adjoint"):
+        load_config(None, ["objective.adjoint_steps=4"])
+    with pytest.raises(ConfigError, match="objective.window_min, objective.kl_grad: only for the pathwise estimator"):
+        load_config(None, ["objective.estimator=adjoint", "objective.window_min=5", "objective.kl_grad=all"])
+    load_config(None, ["objective.estimator=adjoint", "objective.checkpointing=true"])  # harmless: memory is one call's
 
 
 @pytest.mark.parametrize("family, method", [("vp", "posterior"), ("flow", "posterior")])

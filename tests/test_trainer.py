@@ -238,14 +238,15 @@ def _launch_two_ranks(out_dir: Path, *overrides: str) -> None:
     assert sorted(p.name for p in out_dir.glob("rank*.json")) == ["rank0_of_2.json", "rank1_of_2.json"]  # really two
 
 
-@pytest.mark.parametrize("estimator", ["objective.kl_grad=window", "objective.kl_grad=all", "objective.estimator=adjoint"])
+@pytest.mark.parametrize("estimator", [("objective.kl_grad=window",), ("objective.kl_grad=all",),
+                                       ("objective.estimator=adjoint", "objective.adjoint_steps=3")], ids=lambda e: e[0])
 def test_two_processes_end_with_identical_trained_control(tmp_path, estimator):
     """With kl_grad=all every step before the window has its own local backward (DDP's no_sync), reduced with the
     window's; Adjoint Matching backpropagates each regressed step on its own, all-reduced with the last. Were any
     left out of that all-reduce, the ranks would end with different weights."""
     from sb_finetune.pipelines import SBStableDiffusionPipeline
 
-    _launch_two_ranks(tmp_path, "optim.steps=4", "optim.lr=1e-2", estimator, "objective.adjoint_steps=3")
+    _launch_two_ranks(tmp_path, "optim.steps=4", "optim.lr=1e-2", *estimator)
     r0, r1 = (load_file(tmp_path / f"rank{i}_of_2.safetensors") for i in (0, 1))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     lora_b = [v for k, v in r0.items() if "lora_B" in k or "lora.up" in k]
