@@ -179,8 +179,7 @@ def _validate(cfg: Config) -> None:
     # knobs of one estimator set for another would be ignored without a word: say so instead
     if o.estimator != "adjoint" and o.adjoint_steps is not None:
         raise ConfigError(f"config key 'objective.adjoint_steps': only for objective.estimator=adjoint (got {o.estimator!r})")
-    ignored = [k for k, v, default in (("window_min", o.window_min, 1), ("window_max", o.window_max, None),
-                                       ("kl_grad", o.kl_grad, "window")) if v != default]
+    ignored = [k for k in ("window_min", "window_max", "kl_grad") if getattr(o, k) != getattr(ObjectiveConfig(), k)]
     if o.estimator == "adjoint" and ignored:
         raise ConfigError(f"config keys {', '.join(f'objective.{k}' for k in ignored)}: only for the pathwise estimator; "
                           f"objective.estimator=adjoint regresses on objective.adjoint_steps steps drawn across the chain")
