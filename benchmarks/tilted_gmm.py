@@ -2,6 +2,7 @@
 
     python benchmarks/tilted_gmm.py                    # every run, ~3 CPU-minutes each
     python benchmarks/tilted_gmm.py vp flow --iters 300   # a subset, shorter
+    python benchmarks/tilted_gmm.py vp_weighted vp_policy_gradient flow_weighted flow_policy_gradient   # reward-only
 
 Base: `three_blobs()`; reward R(x) = aᵀx, a = (0.5, 0.5), alpha = 1; N = 50 steps; batch 512. After
 training, 20,000 samples of the controlled chain are scored against the closed-form tilted mixture:
@@ -26,6 +27,8 @@ import torch
 from sb_finetune.analytic import MLPControl, fit_control, mixture_chain, objective_gap, three_blobs
 from sb_finetune.costs import Costs
 from sb_finetune.estimators.adjoint import AdjointMatching
+from sb_finetune.estimators.policy_gradient import PolicyGradient
+from sb_finetune.estimators.weighted import WeightedRegression
 from sb_finetune.rollout import rollout
 
 A = torch.tensor([0.5, 0.5])
@@ -40,6 +43,10 @@ RUNS = {
     "vp_adjoint": ("vp", 1.0, None, None, "adjoint"),
     "flow_adjoint": ("flow", 1.0, None, "euler_maruyama", "adjoint"),
     "flow_posterior_adjoint": ("flow", 1.0, None, "posterior", "adjoint"),
+    "vp_weighted": ("vp", 1.0, None, None, "weighted"),
+    "vp_policy_gradient": ("vp", 1.0, None, None, "policy_gradient"),
+    "flow_weighted": ("flow", 1.0, None, "euler_maruyama", "weighted"),
+    "flow_policy_gradient": ("flow", 1.0, None, "euler_maruyama", "policy_gradient"),
     "vp_eta0.2": ("vp", 0.2, None, None, "pathwise"),
     "flow_c0.1": ("flow", 0.1**0.5, None, "euler_maruyama", "pathwise"),
     "vp_K5_fixed": ("vp", 1.0, 5, None, "pathwise"),
@@ -56,8 +63,14 @@ def setup(family: str, eta: float, method: str | None):
 
 
 def run(name: str, iters: int, batch: int, seed: int = 0, lr: float = 1e-2, final_lr: float = 1e-4, hidden: int = 64,
-        time_features: int = 4, adjoint_steps: int | None = None) -> dict:
+        time_features: int = 4, adjoint_steps: int | None = None, grad_steps: int | None = 10,
+        reward_only_iters: int | None = None, reward_only_updates: int = 1) -> dict:
     family, eta, window, method, estimator = RUNS[name]
+    updates = 1
+    if estimator in ("weighted", "policy_gradient"):
+        iters, updates = reward_only_iters or iters, reward_only_updates
+    make = {"pathwise": lambda: None, "adjoint": lambda: AdjointMatching(adjoint_steps),
+            "weighted": lambda: WeightedRegression(grad_steps), "policy_gradient": lambda: PolicyGradient(grad_steps)}
     gmm, schedule, base, exact = setup(family, eta, method)
     target = gmm.tilted(A.double(), ALPHA)
     torch.manual_seed(seed)
@@ -65,7 +78,7 @@ def run(name: str, iters: int, batch: int, seed: int = 0, lr: float = 1e-2, fina
     costs = Costs()
     t0 = time.time()
     fit_control(control, schedule, lambda x: x @ A, ALPHA, iterations=iters, batch=batch, window=window, seed=seed,
-                lr=lr, final_lr=final_lr, estimator=AdjointMatching(adjoint_steps) if estimator == "adjoint" else None,
+                lr=lr, final_lr=final_lr, estimator=make[estimator](), updates=updates,
                 costs=costs)
     seconds = time.time() - t0
     per_path = costs.per(iters * batch)
@@ -79,6 +92,7 @@ def run(name: str, iters: int, batch: int, seed: int = 0, lr: float = 1e-2, fina
     weights, means = target.fit_stats(out.x)
     return {
         "run": name,
+        "iters": iters,
         "weights_err": float((weights - target.weights).abs().max()),
         "means_err": float((means - target.means).norm(dim=1).max()),
         "objective_gap": gap,
@@ -113,21 +127,28 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64, help="control network width")
     parser.add_argument("--time-features", type=int, default=4, help="sin/cos features of t fed to the control network (0: t alone)")
     parser.add_argument("--adjoint-steps", type=int, default=None, help="adjoint runs: steps regressed per path (default all)")
+    parser.add_argument("--grad-steps", type=int, default=10, help="weighted / policy_gradient runs: steps with a gradient per batch")
+    parser.add_argument("--reward-only-iters", type=int, default=300,
+                        help="iterations of the weighted / policy_gradient runs (they need no reward gradient; 0: --iters)")
+    parser.add_argument("--reward-only-updates", type=int, default=1,
+                        help="weighted / policy_gradient runs: optimizer steps on each batch of paths")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     gmm = three_blobs()
     print(f"target weights {gmm.tilted(A.double(), ALPHA).weights.numpy().round(3)}  base {gmm.weights.numpy()}  "
           f"-alpha log Z = {-ALPHA * gmm.log_z(A.double(), ALPHA):.4f}  N={N} batch={args.batch} iters={args.iters}")
     print(f"{'run':22s} {'weights_err':>11s} {'means_err':>9s} {'obj_gap':>15s} {'exact_gap':>9s} {'floor':>7s} {'KL':>7s} "
-          f"{'fwd/path':>8s} {'bwd/path':>8s} {'R/path':>6s} {'dR/path':>7s} {'sec':>6s}")
+          f"{'fwd/path':>8s} {'bwd/path':>8s} {'R/path':>6s} {'dR/path':>7s} {'iters':>5s} {'calls':>7s} {'sec':>6s}")
     rows = []
     for name in args.runs:
         row = run(name, args.iters, args.batch, lr=args.lr, final_lr=args.final_lr, hidden=args.hidden,
-                  time_features=args.time_features, adjoint_steps=args.adjoint_steps)
+                  time_features=args.time_features, adjoint_steps=args.adjoint_steps, grad_steps=args.grad_steps,
+                  reward_only_iters=args.reward_only_iters, reward_only_updates=args.reward_only_updates)
         rows.append(row)
         gap = f"{row['objective_gap']:.4f} ± {row['objective_gap_se']:.4f}"
         print(f"{name:22s} {row['weights_err']:11.4f} {row['means_err']:9.4f} {gap:>15s} {row['exact_gap']:9.4f} {row['floor']:7.4f} {row['kl']:7.4f} "
-              f"{row['model_fwd']:8.1f} {row['model_bwd']:8.1f} {row['reward']:6.1f} {row['reward_grad']:7.1f} {row['seconds']:6.1f}", flush=True)
+              f"{row['model_fwd']:8.1f} {row['model_bwd']:8.1f} {row['reward']:6.1f} {row['reward_grad']:7.1f} {row['iters']:5d} "
+              f"{(row['model_fwd'] + row['model_bwd']) * row['iters']:7.0f} {row['seconds']:6.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

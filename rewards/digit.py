@@ -16,15 +16,18 @@ from .weights import load_into, load_state_dict
 
 @register_reward("digit")
 class Digit(Reward):
-    """kwargs: target (0–9), checkpoint (a classifier .safetensors; default the shipped one)."""
+    """kwargs: target (0–9), checkpoint (a classifier .safetensors; default the shipped one), decision: c > 0 makes
+    the reward the classifier's decision, c · 1[argmax = target] (a step function: not differentiable; for the
+    reward-only estimators)."""
 
-    def __init__(self, target: int = 0, checkpoint: str | None = None):
+    def __init__(self, target: int = 0, checkpoint: str | None = None, decision: float = 0.0):
         super().__init__()
         from sb_finetune.digits import CLASSIFIER_FILE, SIZE, DigitClassifier
 
         if not 0 <= int(target) <= 9:
             raise ValueError(f"reward 'digit': target must be a digit 0–9, got {target!r}")
-        self.target, self.size = int(target), SIZE
+        self.target, self.size, self.decision = int(target), SIZE, float(decision)
+        self.differentiable = self.decision == 0
         path = checkpoint or CLASSIFIER_FILE
         self.classifier = DigitClassifier().eval().requires_grad_(False)
         load_into(self.classifier, load_state_dict(path), path)
@@ -40,7 +43,10 @@ class Digit(Reward):
         return self.classifier(self._prepare(images))
 
     def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
-        return F.log_softmax(self.logits(images), dim=-1)[:, self.target]
+        logits = self.logits(images)
+        if self.decision:
+            return self.decision * (logits.argmax(1) == self.target).float()
+        return F.log_softmax(logits, dim=-1)[:, self.target]
 
     @torch.no_grad()
     def metrics(self, images: Tensor, weights: Tensor | None = None) -> dict[str, float]:

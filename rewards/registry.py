@@ -71,9 +71,14 @@ def list_rewards() -> list[str]:
 
 
 def load_reward(spec: str, **kwargs: Any) -> Reward:
-    """A reward by registered name, "package.module:factory" import path, or entry-point name."""
+    """A reward by registered name, "package.module:factory" import path, entry-point name, or the URL of a reward
+    server (http://host:port/score: `sb_finetune.rewards.server`)."""
     if spec in _REGISTRY:
         return _REGISTRY[spec](**kwargs)
+    if spec.startswith(("http://", "https://")):
+        from .http import HTTPReward
+
+        return HTTPReward(spec, **kwargs)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
@@ -119,10 +124,13 @@ def check_reward_output(value: Any, name: str, batch: int) -> Tensor:
     return value
 
 
-def non_finite_message(value: Tensor, name: str) -> str | None:
-    """None if every reward value is finite; else a sentence naming the reward and what it returned."""
+def non_finite_message(value: Tensor, name: str, reason: str | None = None) -> str | None:
+    """None if every reward value is finite; else a sentence naming the reward and what it returned (or `reason`,
+    the reward's own account of it, e.g. a reward server that did not answer)."""
     bad = ~torch.isfinite(value.detach())
     if not bool(bad.any()):
         return None
+    if reason:
+        return reason
     shown = ", ".join(f"{v:g}" for v in value.detach().flatten()[:4].tolist())
     return f"reward '{name}' returned non-finite values for {int(bad.sum())} of {value.numel()} images ([{shown}{', …' if value.numel() > 4 else ''}])"

@@ -171,16 +171,18 @@ def fit_control(
     dim: int = 2,
     estimator=None,
     costs=None,
+    updates: int = 1,
 ) -> list[float]:
     """Train `control` on the SOC objective with an estimator (default: pathwise with `window`); returns the
     objective per iteration. With `final_lr` the learning rate follows a cosine from `lr` down to `final_lr`;
-    `costs` (a `sb_finetune.costs.Costs`) counts the model calls and reward queries."""
+    `costs` (a `sb_finetune.costs.Costs`) counts the model calls and reward queries; `updates` > 1 reuses each batch
+    of paths for that many optimizer steps (the reward-only estimators)."""
     from .estimators import Task
     from .estimators.pathwise import Pathwise
 
     estimator = estimator or Pathwise(window)
     opt = torch.optim.Adam(control.net.parameters(), lr=lr)
-    sched = None if final_lr is None else torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=final_lr)
+    sched = None if final_lr is None else torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations * updates, eta_min=final_lr)
     g = torch.Generator().manual_seed(seed)
     policy, base = control, control.base
     if costs is not None:
@@ -189,10 +191,11 @@ def fit_control(
     for _ in range(iterations):
         x0 = torch.randn(batch, dim, generator=g)
         est = estimator(Task(policy, base, schedule, x0, reward, alpha, generator=g, shared=g))
-        opt.zero_grad(set_to_none=True)
-        est.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
+        for _ in range(updates):
+            opt.zero_grad(set_to_none=True)
+            est.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
         history.append(est.objective)
     return history

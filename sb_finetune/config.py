@@ -45,8 +45,12 @@ class SamplerConfig:
 @dataclass
 class ObjectiveConfig:
     alpha: float = 1.0  # KL weight: optimum ∝ p_base · exp(reward / alpha)
-    estimator: str = "pathwise"  # pathwise | adjoint (Adjoint Matching): how the gradient of the objective is estimated
+    estimator: str = "pathwise"  # pathwise | adjoint (Adjoint Matching) | weighted | policy_gradient (any reward)
     adjoint_steps: Optional[int] = None  # adjoint: K controlled steps regressed per trajectory; None = all
+    grad_steps: Optional[int] = None  # weighted, policy_gradient: K controlled steps with a gradient per batch; None = all
+    weighted_target: str = "path"  # weighted: regress on the sampled transitions (path) or forward-noised endpoints (forward)
+    clip_ratio: Optional[float] = None  # policy_gradient: PPO's ε on reused batches (optim.updates_per_batch > 1)
+    min_ess: float = 0.5  # weighted: tempering keeps each group's effective sample size >= min_ess · G (0 = off)
     window_min: int = 1  # gradient window K ~ uniform[window_min, window_max] controlled steps
     window_max: Optional[int] = None  # None = all steps (unbiased); window_min == window_max = fixed K
     kl_grad: str = "window"  # window | all: also the KL terms before the window (local backward)
@@ -77,7 +81,9 @@ class OptimConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     batch_size: int = 2  # per device
+    group_size: Optional[int] = None  # samples per prompt in a batch (weighted/policy_gradient normalise within it); None = 1, or the whole batch for one prompt
     grad_accum: int = 1
+    updates_per_batch: int = 1  # weighted, policy_gradient: optimizer steps on each batch of paths (> 1: reuse it)
     max_grad_norm: float = 1.0  # 0 = no clipping
     mixed_precision: str = "no"  # no | fp16 | bf16 (the LoRA weights and optimizer stay fp32)
     seed: int = 0
@@ -119,8 +125,9 @@ _CHOICES = {
     "model.family": ("auto", "sd", "sdxl", "sd3", "unet2d"),
     "model.dtype": ("float32", "float16", "bfloat16"),
     "sampler.flow_method": ("posterior", "euler_maruyama"),
-    "objective.estimator": ("pathwise", "adjoint"),
+    "objective.estimator": ("pathwise", "adjoint", "weighted", "policy_gradient"),
     "objective.kl_grad": ("window", "all"),
+    "objective.weighted_target": ("path", "forward"),
     "optim.mixed_precision": ("no", "fp16", "bf16"),
     "optim.lr_schedule": ("constant", "cosine", "linear"),
     "logging.tracker": ("tensorboard", "wandb", "none"),
@@ -179,10 +186,34 @@ def _validate(cfg: Config) -> None:
     # knobs of one estimator set for another would be ignored without a word: say so instead
     if o.estimator != "adjoint" and o.adjoint_steps is not None:
         raise ConfigError(f"config key 'objective.adjoint_steps': only for objective.estimator=adjoint (got {o.estimator!r})")
+    if o.estimator not in ("weighted", "policy_gradient") and o.grad_steps is not None:
+        raise ConfigError(f"config key 'objective.grad_steps': only for objective.estimator=weighted or policy_gradient "
+                          f"(got {o.estimator!r})")
+    if o.grad_steps is not None and o.grad_steps < 1:
+        raise ConfigError(f"config key 'objective.grad_steps': must be >= 1 (or null for all), got {o.grad_steps}")
+    if not 0 <= o.min_ess < 1:
+        raise ConfigError(f"config key 'objective.min_ess': a fraction of the group in [0, 1), got {o.min_ess}")
+    if o.estimator != "policy_gradient" and o.clip_ratio is not None:
+        raise ConfigError(f"config key 'objective.clip_ratio': only for objective.estimator=policy_gradient (got {o.estimator!r})")
+    if o.clip_ratio is not None and not 0 < o.clip_ratio < 1:
+        raise ConfigError(f"config key 'objective.clip_ratio': PPO's ε in (0, 1), got {o.clip_ratio}")
+    u = cfg.optim.updates_per_batch
+    if u < 1 or (u > 1 and o.estimator not in ("weighted", "policy_gradient")):
+        raise ConfigError(f"config key 'optim.updates_per_batch': >= 1, and > 1 only for objective.estimator=weighted or "
+                          f"policy_gradient (a gradient estimator's paths carry the graph of one update), got {u}")
+    if u > 1 and cfg.optim.grad_accum > 1:
+        raise ConfigError("config keys 'optim.updates_per_batch' and 'optim.grad_accum': reuse a batch or accumulate "
+                          "batches, not both")
+    for key in ("min_ess", "weighted_target"):
+        if o.estimator != "weighted" and getattr(o, key) != getattr(ObjectiveConfig(), key):
+            raise ConfigError(f"config key 'objective.{key}': only for objective.estimator=weighted (got {o.estimator!r})")
     ignored = [k for k in ("window_min", "window_max", "kl_grad") if getattr(o, k) != getattr(ObjectiveConfig(), k)]
-    if o.estimator == "adjoint" and ignored:
+    if o.estimator != "pathwise" and ignored:
         raise ConfigError(f"config keys {', '.join(f'objective.{k}' for k in ignored)}: only for the pathwise estimator; "
-                          f"objective.estimator=adjoint regresses on objective.adjoint_steps steps drawn across the chain")
+                          f"objective.estimator={o.estimator} draws its own steps across the chain")
+    g = cfg.optim.group_size
+    if g is not None and (g < 1 or cfg.optim.batch_size % g):
+        raise ConfigError(f"config key 'optim.group_size': must be >= 1 and divide optim.batch_size ({cfg.optim.batch_size}), got {g}")
     if cfg.prompts.file is not None and not os.path.isfile(cfg.prompts.file):
         raise ConfigError(f"config key 'prompts.file': no such file: {cfg.prompts.file}")
 

@@ -174,6 +174,23 @@ def transition_mean(schedule: Schedule, k: int, x: Tensor, pred: Tensor) -> Tens
     return flow_mean(schedule, k, x, pred)
 
 
+def forward_noise(schedule: Schedule, k: int, x0: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_t, the model's regression target) for data x0 noised to grid point k with noise ε: the forward process.
+
+    VP: x_t = sqrt(ᾱ_k) x0 + sqrt(1−ᾱ_k) ε, target ε, x0 or v = sqrt(ᾱ) ε − sqrt(1−ᾱ) x0 (`prediction_type`);
+    flow: x_σ = (1−σ_k) x0 + σ_k ε, target v = ε − x0. The denoiser that minimises E||f(x_t) − target||² over data
+    x0 is the exact model of that data, so `transition_mean(schedule, k, x_t, target)` is the bridge's mean."""
+    x0, eps = x0.float(), eps.float()
+    if isinstance(schedule, VPSchedule):
+        a, b = math.sqrt(float(schedule.alpha_bar[k])), math.sqrt(1 - float(schedule.alpha_bar[k]))
+        target = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - b * x0}.get(schedule.prediction_type)
+        if target is None:
+            raise ValueError(f"unknown prediction_type {schedule.prediction_type!r} (epsilon, v_prediction or sample)")
+        return a * x0 + b * eps, target
+    sigma = float(schedule.sigmas[k])
+    return (1 - sigma) * x0 + sigma * eps, eps - x0
+
+
 def step_kl(mean_policy: Tensor, mean_base: Tensor, std: float) -> Tensor:
     """KL(N(μ_θ, std²I) || N(μ_base, std²I)) per sample, in nats; 0 for a deterministic step."""
     if std == 0.0:

@@ -15,7 +15,7 @@ from . import models
 from .config import Config, to_yaml
 from .control import add_lora_control, base_denoiser, load_lora_control, lora_state_dict, save_lora_control
 from .data import DTYPES, load_pipeline, load_prompts
-from .estimators import Task, make_estimator
+from .estimators import DIFFERENTIABLE_ONLY, Task, make_estimator
 from .evaluation import make_evaluator, write_summary
 from .objective import is_finite
 from .rewards import non_finite_message
@@ -45,8 +45,11 @@ def build_reward(cfg: Config):
         reward = WeightedSum({name: (w, load_reward(name, **cfg.reward.kwargs.get(name, {}))) for name, w in cfg.reward.mix.items()})
     else:
         reward = load_reward(cfg.reward.name, **cfg.reward.kwargs)
-    if not reward.differentiable:
-        raise ValueError(f"reward '{reward.name}' is not differentiable: this trainer backpropagates through it")
+    if hasattr(reward, "check"):  # a reward server: is it there?
+        reward.check()
+    if not reward.differentiable and cfg.objective.estimator in DIFFERENTIABLE_ONLY:
+        raise ValueError(f"reward '{reward.name}' is not differentiable: objective.estimator={cfg.objective.estimator} "
+                         f"backpropagates through it; use objective.estimator=weighted or policy_gradient")
     return reward
 
 
@@ -81,6 +84,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         torch.set_num_threads(_cpu_threads())
     reward = build_reward(cfg)  # fails fast on an unknown reward, before the model loads
     prompts = load_prompts(cfg.prompts)
+    if cfg.objective.estimator not in DIFFERENTIABLE_ONLY and cfg.optim.group_size is None and len(set(prompts)) > 1:
+        raise ValueError(f"objective.estimator={cfg.objective.estimator} compares samples of one prompt: with "
+                         f"{len(set(prompts))} prompts set optim.group_size (samples per prompt in a batch, e.g. 8)")
 
     # ---- model, control, optimizer
     pipe = load_pipeline(cfg.model).to(accelerator.device)
@@ -139,7 +145,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             # each process and step has its own stream: device-specific, and exact on resume
             draw_seed = cfg.optim.seed + 7919 * (counters.step * cfg.optim.grad_accum + micro)
             g = torch.Generator(accelerator.device).manual_seed(draw_seed + 1_000_003 * accelerator.process_index)
-            idx = torch.randint(len(prompts), (b,), generator=g, device=accelerator.device).tolist()
+            groups = None  # one group: the whole batch (one prompt), or prompts drawn one by one
+            if cfg.optim.group_size:  # b / G prompts, G samples each
+                n_groups = b // cfg.optim.group_size
+                groups = torch.arange(n_groups).repeat_interleave(cfg.optim.group_size)
+                idx = torch.randint(len(prompts), (n_groups,), generator=g, device=accelerator.device)[groups].tolist()
+            else:
+                idx = torch.randint(len(prompts), (b,), generator=g, device=accelerator.device).tolist()
             batch_prompts = [prompts[i] for i in idx]
             # draws every process must agree on (the window K, the regressed steps) ignore the rank: equal work per
             # rank, so none waits for the slowest at the all-reduce
@@ -150,24 +162,21 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 base = base_denoiser(models.make_denoiser(module, family, cond, DTYPES[cfg.model.dtype]), module)
                 x0 = models.start_noise(pipe, models.latent_shape(pipe, family, b, cfg.model.resolution), g, accelerator.device)
                 task = Task(policy, base, schedule, x0, lambda x: score(reward, models.decode(pipe, family, x), batch_prompts),
-                            cfg.objective.alpha, g, shared, accelerator.backward, local)
+                            cfg.objective.alpha, g, shared, accelerator.backward, local, groups)
                 with accelerator.autocast():
                     est = estimator(task)
-                    finite, problem_here = _agree(accelerator, est.finite(), non_finite_message(est.reward, reward.name))
+                    seen = non_finite_message(est.reward, reward.name, getattr(reward, "last_error", None))
+                    finite, problem_here = _agree(accelerator, est.finite(), seen)
                     problem = problem or problem_here
                     all_finite = all_finite and finite
                     if finite:  # NaN/inf never reaches the weights
                         est.backward()
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf) if all_finite else float("nan")
-                    if all_finite and is_finite(torch.as_tensor(grad_norm)):
-                        optimizer.step()
-                        lr_schedule.step()
-                    else:
-                        counters.skipped += 1
-                        warnings.warn(f"step {counters.step}: {problem or 'non-finite loss or gradient'}; step skipped, weights "
-                                      f"untouched (total {counters.skipped})")
-                    optimizer.zero_grad(set_to_none=True)
+                    grad_norm = _update(accelerator, params, optimizer, lr_schedule, cfg, all_finite, counters, problem)
+                    for _ in range(cfg.optim.updates_per_batch - 1 if all_finite else 0):  # reuse the batch's paths
+                        with accelerator.autocast():
+                            est.backward()
+                        grad_norm = _update(accelerator, params, optimizer, lr_schedule, cfg, True, counters, None)
         bad_reward_streak = bad_reward_streak + 1 if problem else 0
         if bad_reward_streak >= MAX_BAD_REWARD_STEPS:
             raise RuntimeError(f"{problem}, on {bad_reward_streak} steps in a row: stopping (the weights never saw it; "
@@ -209,17 +218,34 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     return {"steps": counters.step, "skipped": counters.skipped, "history": history, "lora": lora}
 
 
+def _update(accelerator, params, optimizer, lr_schedule, cfg: Config, finite: bool, counters: Counters, problem) -> float:
+    """One optimizer step on the gradient made, clipped; skipped (weights untouched, counted, said) where the loss or
+    the gradient is not finite. Returns the gradient norm."""
+    grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf) if finite else float("nan")
+    if finite and is_finite(torch.as_tensor(grad_norm)):
+        optimizer.step()
+        lr_schedule.step()
+    else:
+        counters.skipped += 1
+        warnings.warn(f"step {counters.step}: {problem or 'non-finite loss or gradient'}; step skipped, weights "
+                      f"untouched (total {counters.skipped})")
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
 PUSHED_FILES = ["pytorch_lora_weights.safetensors", "sb_finetune.json", "README.md", "config.yaml", "history.json", "samples/*"]
 
 
 def _lr_schedule(cfg: Config, optimizer, num_processes: int):
-    """diffusers' schedule, counted in optimizer steps. accelerate steps a prepared schedule once per process on each
-    optimizer step (a schedule per sample seen), so its lengths are given in those units."""
+    """diffusers' schedule, counted in optimizer steps (`optim.updates_per_batch` a training step). accelerate steps a
+    prepared schedule once per process on each optimizer step (a schedule per sample seen), so its lengths are given
+    in those units."""
     from diffusers.optimization import get_scheduler
 
     name = "constant_with_warmup" if cfg.optim.lr_schedule == "constant" else cfg.optim.lr_schedule
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.optim.warmup_steps * num_processes,
-                         num_training_steps=cfg.optim.steps * num_processes)
+    per_step = cfg.optim.updates_per_batch * num_processes
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.optim.warmup_steps * per_step,
+                         num_training_steps=cfg.optim.steps * per_step)
 
 
 def _restart_lr_schedule(lr_schedule, cfg: Config, step: int, num_processes: int) -> None:
@@ -228,7 +254,7 @@ def _restart_lr_schedule(lr_schedule, cfg: Config, step: int, num_processes: int
     step at the old schedule's rate.)"""
     inner = lr_schedule.scheduler  # accelerate's wrapper around torch's LambdaLR
     inner.base_lrs = [cfg.optim.lr] * len(inner.base_lrs)
-    inner.last_epoch = step * num_processes
+    inner.last_epoch = step * cfg.optim.updates_per_batch * num_processes
     for group, base_lr, factor in zip(inner.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
         group["lr"] = base_lr * factor(inner.last_epoch)
 

@@ -7,8 +7,12 @@ returns an `Estimate`: the batch's numbers (reward, per-step KL and pathwise log
 that leaves an estimate of ∇_θ L in the parameters' `.grad` through `task.backward` (accelerate's, under DDP). The
 two are apart so that the caller checks the numbers (finite on every process) before any gradient is made.
 
-    pathwise   backprop through a random window of the chain          (pathwise.py)
-    adjoint    Adjoint Matching: the control regressed on the lean adjoint   (adjoint.py)
+    pathwise          backprop through a random window of the chain                       (pathwise.py)
+    adjoint           Adjoint Matching: the control regressed on the lean adjoint         (adjoint.py)
+    weighted          importance-weighted regression on the forward process; any reward   (weighted.py)
+    policy_gradient   the score-function gradient with the exact KL-to-go; any reward     (policy_gradient.py)
+
+`DIFFERENTIABLE_ONLY` need ∇R; the other two call the reward without a graph.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from ..objective import is_finite
 from ..rollout import Denoiser
 from ..sde import Schedule
 
-ESTIMATORS = ("pathwise", "adjoint")
+ESTIMATORS = ("pathwise", "adjoint", "weighted", "policy_gradient")
+DIFFERENTIABLE_ONLY = ("pathwise", "adjoint")  # backpropagate through the reward
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Task:
     shared: torch.Generator | None = None  # the same on every process: draws all ranks must agree on
     backward: Callable[[Tensor], None] = Tensor.backward  # accelerator.backward in the trainer
     local: Callable[[], ContextManager] = nullcontext  # DDP's no_sync: a backward whose all-reduce a later one does
+    groups: Tensor | None = None  # [B] group ids (samples of one prompt, equal-sized); None: the batch is one group
 
     @property
     def controlled(self) -> list[int]:
@@ -80,6 +86,16 @@ class Estimate:
                 **self.extra}
 
 
+def group_index(groups: Tensor | None, batch: int, device=None) -> Tensor:
+    """[n_groups, G] batch indices of each group (`groups`: [B] ids, each id G times; None: one group of all B)."""
+    if groups is None:
+        return torch.arange(batch, device=device)[None]
+    sizes = torch.unique(groups, return_counts=True)[1]
+    if not bool((sizes == sizes[0]).all()):
+        raise ValueError(f"groups of unequal size {sizes.tolist()}: every prompt needs the same number of samples")
+    return torch.argsort(groups, stable=True).to(device).view(len(sizes), -1)
+
+
 class Estimator(Protocol):
     name: str
 
@@ -96,4 +112,12 @@ def make_estimator(objective) -> Estimator:
         from .adjoint import AdjointMatching
 
         return AdjointMatching(objective.adjoint_steps)
+    if objective.estimator == "weighted":
+        from .weighted import WeightedRegression
+
+        return WeightedRegression(objective.grad_steps, objective.min_ess, objective.weighted_target)
+    if objective.estimator == "policy_gradient":
+        from .policy_gradient import PolicyGradient
+
+        return PolicyGradient(objective.grad_steps, objective.clip_ratio)
     raise ValueError(f"objective.estimator {objective.estimator!r}: one of {ESTIMATORS}")

@@ -1,0 +1,85 @@
+"""Benchmark: the four estimators on the digits default, and the reward-only ones on a reward without a gradient.
+
+    python benchmarks/digits_estimators.py                      # every row, one after another (~6–9 min each)
+    python benchmarks/digits_estimators.py weighted decision_weighted
+    python benchmarks/digits_estimators.py --report-only        # the table again, from the runs' summary.json
+
+Each row is `accelerate launch train.py` (the digits default, `configs/digits.yaml`) with the row's overrides, in a
+fresh process, into outputs/digits_estimators/<row>/. The numbers are the run's own summary.json: the gap to the
+optimum p_base · exp(R/alpha) (objective excess alpha · KL(P_θ ‖ P*) on paths, ± its standard error), the KL's
+excess, the target fraction against the optimum's, and the training wall. `decision` rows train on the classifier's
+decision, R = 5 · 1[argmax = 0] (the optimum puts 0.96 of its samples on 0): a reward no gradient method can use.
+Per step, on 32 paths of N = 20 steps: pathwise makes 20 policy + 20 base calls and backpropagates through a window
+of K ~ U[1, 20] of them, with 32 reward gradients; adjoint 20 policy + 20 base calls without graph, 19 base
+vector–Jacobian products, and 20 policy calls with graph, 32 reward gradients; weighted and policy_gradient 20 + 20
+calls without graph and K = 4 with graph (policy_gradient: + 4 base calls), and no reward gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "outputs", "digits_estimators")
+DECISION = ["reward.kwargs.decision=5"]
+ROWS = {
+    "pathwise": ("the default", []),
+    "adjoint": ("Adjoint Matching", ["objective.estimator=adjoint", "objective.checkpointing=false"]),
+    "weighted": ("weighted regression, path target", ["objective.estimator=weighted", "objective.grad_steps=4"]),
+    "weighted_forward": ("weighted regression, forward target", ["objective.estimator=weighted", "objective.grad_steps=4",
+                                                                 "objective.weighted_target=forward"]),
+    "policy_gradient": ("policy gradient", ["objective.estimator=policy_gradient", "objective.grad_steps=4"]),
+    "decision_weighted": ("weighted, decision reward", ["objective.estimator=weighted", "objective.grad_steps=4", *DECISION]),
+    "decision_weighted_lr1e-3": ("weighted, decision reward, lr 1e-3", ["objective.estimator=weighted", "objective.grad_steps=4",
+                                                                         "optim.lr=1e-3", *DECISION]),
+    "decision_policy_gradient": ("policy gradient, decision reward", ["objective.estimator=policy_gradient",
+                                                                      "objective.grad_steps=4", *DECISION]),
+}
+
+
+def train(name: str) -> None:
+    out = os.path.join(OUT, name)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", os.path.join(ROOT, "train.py"), *ROWS[name][1], f"output.dir={out}"]
+    print(" ".join(cmd[2:]), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
+
+
+def report(names: list[str]) -> None:
+    print("| row | what | gap ± se | KL − KL* | target fraction (optimum) | reward (optimum) | train s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names:
+        path = os.path.join(OUT, name, "summary.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            s = json.load(f)
+        gap, opt = s["gap_after"], s["optimum"]
+        print(f"| {name} | {ROWS[name][0]} | {gap['objective']:.2f} ± {gap['objective_se']:.2f} | {gap['kl']:.2f} | "
+              f"{s['target_fraction_after']:.3f} ({opt['target_fraction']:.3f}) | {s['reward_mean_after']:.2f} "
+              f"({opt['reward_mean']:.2f}) | {s['seconds']:.0f} | {s.get('peak_rss_mb', 0):.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rows", nargs="*", help=f"rows to run, of {list(ROWS)} (default: all)")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    args.rows = args.rows or list(ROWS)
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}: of {list(ROWS)}")
+    if not args.report_only:
+        for name in args.rows:
+            train(name)
+    report(args.rows)
+
+
+if __name__ == "__main__":
+    main()
