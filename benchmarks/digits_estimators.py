@@ -51,9 +51,27 @@ def train(name: str) -> None:
     print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
 
 
+# model calls a training step makes on its 32 paths of N = 20 steps (20 controlled), and reward gradients per path
+CALLS = {
+    "pathwise": ("20 policy + 20 base, K ~ U[1, 20] of each pair with graph (checkpointed)", 1),
+    "adjoint": ("20 policy + 20 base without graph, 19 base VJPs, 20 policy with graph", 1),
+    "weighted": ("20 policy + 20 base without graph, K = 4 policy with graph", 0),
+    "weighted_forward": ("20 policy + 20 base without graph, 4 base without and 4 policy with graph", 0),
+    "policy_gradient": ("20 policy + 20 base without graph, 4 base without and 4 policy with graph", 0),
+}
+
+
+def _calls(name: str) -> tuple[str, int]:
+    for key in sorted(CALLS, key=len, reverse=True):
+        if key in name:
+            return CALLS[key]
+    return CALLS["pathwise"]
+
+
 def report(names: list[str]) -> None:
-    print("| row | what | gap ± se | KL − KL* | target fraction (optimum) | reward (optimum) | train s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| row | what | gap ± se | KL − KL* | target fraction (optimum) | reward (optimum) | train s | peak RSS MB "
+          "| model calls a step | reward queries / gradients a path |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         path = os.path.join(OUT, name, "summary.json")
         if not os.path.isfile(path):
@@ -63,7 +81,8 @@ def report(names: list[str]) -> None:
         gap, opt = s["gap_after"], s["optimum"]
         print(f"| {name} | {ROWS[name][0]} | {gap['objective']:.2f} ± {gap['objective_se']:.2f} | {gap['kl']:.2f} | "
               f"{s['target_fraction_after']:.3f} ({opt['target_fraction']:.3f}) | {s['reward_mean_after']:.2f} "
-              f"({opt['reward_mean']:.2f}) | {s['seconds']:.0f} | {s.get('peak_rss_mb', 0):.0f} |")
+              f"({opt['reward_mean']:.2f}) | {s['seconds']:.0f} | {s.get('peak_rss_mb', 0):.0f} | {_calls(name)[0]} | "
+              f"1 / {_calls(name)[1]} |")
 
 
 def main() -> None:
