@@ -37,6 +37,8 @@ ROWS = {
     "decision_weighted": ("weighted, decision reward", ["objective.estimator=weighted", "objective.grad_steps=4", *DECISION]),
     "decision_weighted_lr1e-3": ("weighted, decision reward, lr 1e-3", ["objective.estimator=weighted", "objective.grad_steps=4",
                                                                          "optim.lr=1e-3", *DECISION]),
+    "decision_weighted_k20_lr1e-3": ("weighted, decision reward, all 20 steps, lr 1e-3, 150 steps",
+                                    ["objective.estimator=weighted", "optim.lr=1e-3", "optim.steps=150", *DECISION]),
     "decision_policy_gradient": ("policy gradient, decision reward", ["objective.estimator=policy_gradient",
                                                                       "objective.grad_steps=4", *DECISION]),
 }
@@ -58,6 +60,7 @@ CALLS = {
     "weighted": ("20 policy + 20 base without graph, K = 4 policy with graph", 0),
     "weighted_forward": ("20 policy + 20 base without graph, 4 base without and 4 policy with graph", 0),
     "policy_gradient": ("20 policy + 20 base without graph, 4 base without and 4 policy with graph", 0),
+    "decision_weighted_k20_lr1e-3": ("20 policy + 20 base without graph, 20 policy with graph", 0),
 }
 
 

@@ -59,7 +59,7 @@ class HTTPReward(Reward):
                                              headers={"Content-Type": "application/octet-stream"})
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    answer = json.loads(response.read())
+                    raw = response.read()
                 break
             except urllib.error.HTTPError as err:
                 problem = f"status {err.code}: {_error_text(err)}"
@@ -71,6 +71,10 @@ class HTTPReward(Reward):
                     "connection refused" if isinstance(reason, ConnectionRefusedError) else str(reason)
         else:
             return None, f"reward server {self.url}: {problem} ({self.retries + 1} tries); is it running?"
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            return None, f"reward server {self.url} answered something that is not JSON: {raw[:80]!r}"
         scores = answer.get("scores") if isinstance(answer, dict) else None
         if not isinstance(scores, list) or len(scores) != batch:
             got = f"{len(scores)} scores" if isinstance(scores, list) else f"no 'scores' list ({str(answer)[:80]})"

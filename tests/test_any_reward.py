@@ -223,7 +223,7 @@ def test_wrong_count_and_non_numbers_from_a_server_are_named():
 
     from sb_finetune.rewards import load_reward
 
-    answers = iter([b'{"scores": [1.0]}', b'{"scores": ["x", "y"]}', b'{"oops": 1}'])
+    answers = iter([b'{"scores": [1.0]}', b'{"scores": ["x", "y"]}', b'{"oops": 1}', b"<html>busy</html>"])
 
     class Liar(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
@@ -241,7 +241,7 @@ def test_wrong_count_and_non_numbers_from_a_server_are_named():
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         remote = load_reward(f"http://127.0.0.1:{srv.server_address[1]}/score")
-        for expected in ("returned 1 scores for 2 images", "not numbers", "no 'scores' list"):
+        for expected in ("returned 1 scores for 2 images", "not numbers", "no 'scores' list", "not JSON"):
             assert torch.isnan(remote(torch.rand(2, 3, 4, 4), ["a", "b"])).all()
             assert expected in remote.last_error
     finally:

@@ -9,7 +9,7 @@ two are apart so that the caller checks the numbers (finite on every process) be
 
     pathwise          backprop through a random window of the chain                       (pathwise.py)
     adjoint           Adjoint Matching: the control regressed on the lean adjoint         (adjoint.py)
-    weighted          importance-weighted regression on the forward process; any reward   (weighted.py)
+    weighted          importance-weighted regression toward the tilt; any reward          (weighted.py)
     policy_gradient   the score-function gradient with the exact KL-to-go; any reward     (policy_gradient.py)
 
 `DIFFERENTIABLE_ONLY` need ∇R; the other two call the reward without a graph.
