@@ -81,7 +81,7 @@ class OptimConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     batch_size: int = 2  # per device
-    group_size: Optional[int] = None  # samples per prompt in a batch (weighted/policy_gradient normalise within it); None = 1, or the whole batch for one prompt
+    group_size: Optional[int] = None  # samples per prompt in a batch (weighted/policy_gradient compare within it); None: the batch is one group (one prompt)
     grad_accum: int = 1
     updates_per_batch: int = 1  # weighted, policy_gradient: optimizer steps on each batch of paths (> 1: reuse it)
     max_grad_norm: float = 1.0  # 0 = no clipping
