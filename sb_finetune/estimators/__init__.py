@@ -96,6 +96,18 @@ def group_index(groups: Tensor | None, batch: int, device=None) -> Tensor:
     return torch.argsort(groups, stable=True).to(device).view(len(sizes), -1)
 
 
+def backward_each(task: Task, steps: list[int], step_loss: Callable[[int], Tensor]) -> Tensor:
+    """Backpropagate `step_loss(k)` for each of the steps on its own (memory: one model call's graph at a time), all
+    but the last inside DDP's no_sync, so the processes all-reduce once, with the last. Returns the summed loss."""
+    total = torch.zeros(())
+    for i, k in enumerate(steps):
+        with task.local() if i < len(steps) - 1 else nullcontext():
+            loss = step_loss(k)
+            task.backward(loss)
+        total = total.to(loss.device) + loss.detach()
+    return total
+
+
 class Estimator(Protocol):
     name: str
 

@@ -29,14 +29,12 @@ one model call's, whatever N and K. The K regressed steps are drawn without repl
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import Tensor
 
 from ..rollout import Denoiser, rollout, step_log_ratio
 from ..sde import Schedule, step_kl, transition_mean
-from . import Estimate, Task
+from . import Estimate, Task, backward_each
 
 
 def lean_adjoint(base: Denoiser, schedule: Schedule, trajectory: list[Tensor], a_final: Tensor
@@ -96,18 +94,14 @@ class AdjointMatching:
         chosen = [controlled[i] for i in draw_steps(len(controlled), self.steps, task.shared)]
         weight = alpha / 2 * len(controlled) / max(len(chosen), 1)
 
+        def step_loss(k: int) -> Tensor:
+            std, x = float(s.std[k]), out.trajectory[k]
+            target = base_means[k] - std**2 * adjoints[k + 1]  # the optimal mean, −σ² ã_{k+1} off the base's
+            mean = transition_mean(s, k, x, task.policy(x, s.timesteps[k]))
+            return weight * ((mean - target) / std).pow(2).flatten(1).sum(1).mean()
+
         def backward() -> Tensor:
-            total = torch.zeros((), device=out.x.device)
-            for i, k in enumerate(chosen):
-                std = float(s.std[k])
-                x = out.trajectory[k]
-                target = base_means[k] - std**2 * adjoints[k + 1]  # the optimal mean, −σ² ã_{k+1} off the base's
-                with task.local() if i < len(chosen) - 1 else nullcontext():  # one all-reduce, with the last
-                    mean = transition_mean(s, k, x, task.policy(x, s.timesteps[k]))
-                    loss = weight * ((mean - target) / std).pow(2).flatten(1).sum(1).mean()
-                    task.backward(loss)
-                total += loss.detach()
-            return total
+            return backward_each(task, chosen, step_loss)
 
         adjoint_norm = torch.stack([a.flatten(1).norm(dim=1) for a in adjoints[1:]])  # [N, B]
         return Estimate(r.detach(), torch.stack(kls, 1), torch.stack(log_ratios, 1), alpha, len(chosen), backward,

@@ -20,14 +20,12 @@ taken (the batch's own means kept from the rollout), which on the first update (
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import Tensor
 
 from ..rollout import rollout
 from ..sde import step_kl, transition_mean
-from . import Estimate, Task, group_index
+from . import Estimate, Task, backward_each, group_index
 from .adjoint import draw_steps
 
 
@@ -69,27 +67,24 @@ class PolicyGradient:
         k_steps = min(self.steps or len(controlled), len(controlled))
         scale = len(controlled) / max(k_steps, 1)
 
+        def step_loss(k: int) -> Tensor:
+            std, x, t = float(s.std[k]), out.trajectory[k], s.timesteps[k]
+            with torch.no_grad():
+                mean_base = transition_mean(s, k, x, task.base(x, t))
+            mean = transition_mean(s, k, x, task.policy(x, t))
+            log_prob = -(out.trajectory[k + 1] - mean).pow(2).flatten(1).sum(1) / (2 * std**2)
+            if self.clip is None:
+                score = advantage[:, k] * log_prob
+            else:  # PPO for a cost: the pessimistic (larger) of the plain and the clipped ratio's
+                old = -(out.trajectory[k + 1] - out.means[k]).pow(2).flatten(1).sum(1) / (2 * std**2)
+                ratio = torch.exp(log_prob - old)
+                a = advantage[:, k]
+                score = torch.maximum(ratio * a, ratio.clamp(1 - self.clip, 1 + self.clip) * a)
+            return scale * (score + alpha * step_kl(mean, mean_base, std)).mean()
+
         def backward() -> Tensor:  # fresh steps on each call (a reused batch)
-            chosen = [controlled[i] for i in draw_steps(len(controlled), self.steps, task.shared)]
-            total = torch.zeros((), device=out.x.device)
-            for i, k in enumerate(chosen):
-                std, x, t = float(s.std[k]), out.trajectory[k], s.timesteps[k]
-                with torch.no_grad():
-                    mean_base = transition_mean(s, k, x, task.base(x, t))
-                with task.local() if i < len(chosen) - 1 else nullcontext():  # one all-reduce, with the last
-                    mean = transition_mean(s, k, x, task.policy(x, t))
-                    log_prob = -(out.trajectory[k + 1] - mean).pow(2).flatten(1).sum(1) / (2 * std**2)
-                    if self.clip is None:
-                        score = advantage[:, k] * log_prob
-                    else:  # PPO for a cost: the pessimistic (larger) of the plain and the clipped ratio's
-                        old = -(out.trajectory[k + 1] - out.means[k]).pow(2).flatten(1).sum(1) / (2 * std**2)
-                        ratio = torch.exp(log_prob - old)
-                        a = advantage[:, k]
-                        score = torch.maximum(ratio * a, ratio.clamp(1 - self.clip, 1 + self.clip) * a)
-                    loss = scale * (score + alpha * step_kl(mean, mean_base, std)).mean()
-                    task.backward(loss)
-                total += loss.detach()
-            return total
+            return backward_each(task, [controlled[i] for i in draw_steps(len(controlled), self.steps, task.shared)],
+                                 step_loss)
 
         spread = advantage[:, controlled].std() if advantage.numel() > 1 else advantage.new_zeros(())
         return Estimate(r, out.kl.detach(), out.log_ratio, alpha, k_steps, backward, checks=(cost,),

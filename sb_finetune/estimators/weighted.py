@@ -40,14 +40,12 @@ log says λ and both sample sizes every step.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import Tensor
 
 from ..rollout import rollout
 from ..sde import forward_noise, transition_mean
-from . import Estimate, Task, group_index
+from . import Estimate, Task, backward_each, group_index
 from .adjoint import draw_steps
 
 
@@ -118,30 +116,26 @@ class WeightedRegression:
         x_end = out.x.detach()
         w, w_base = w.to(x_end.device), w_base.to(x_end.device)
 
+        def step_loss(k: int) -> Tensor:
+            std = float(s.std[k])
+            if self.target == "path":  # the step the behaviour took, x_k → x_{k+1}, and its own mean
+                x = out.trajectory[k]
+                mean = transition_mean(s, k, x, task.policy(x, s.timesteps[k]))
+                sq = ((mean - out.means[k]).pow(2) + (w - 1).view(-1, *[1] * (x.ndim - 1))
+                      * (mean - out.trajectory[k + 1]).pow(2)).flatten(1).sum(1)
+                return scale * sq.mean() / (2 * std**2)
+            eps = torch.randn(x_end.shape, generator=task.generator, device=x_end.device)
+            x_t, target = forward_noise(s, k, x_end, eps)
+            with torch.no_grad():
+                mean_base = transition_mean(s, k, x_t, task.base(x_t, s.timesteps[k]))
+            mean = transition_mean(s, k, x_t, task.policy(x_t, s.timesteps[k]))
+            to_target = (mean - transition_mean(s, k, x_t, target)).pow(2).flatten(1).sum(1)
+            to_base = (mean - mean_base).pow(2).flatten(1).sum(1)
+            return scale * ((w - w_base) * to_target + w_base * to_base).mean() / (2 * std**2)
+
         def backward() -> Tensor:  # fresh steps (and noise) on each call: reusing the batch regresses on new points
-            chosen = [controlled[i] for i in draw_steps(len(controlled), self.steps, task.shared)]
-            total = torch.zeros((), device=x_end.device)
-            for i, k in enumerate(chosen):
-                std = float(s.std[k])
-                with task.local() if i < len(chosen) - 1 else nullcontext():  # one all-reduce, with the last
-                    if self.target == "path":  # the step the behaviour took, x_k → x_{k+1}, and its own mean
-                        x = out.trajectory[k]
-                        mean = transition_mean(s, k, x, task.policy(x, s.timesteps[k]))
-                        sq = ((mean - out.means[k]).pow(2) + (w - 1).view(-1, *[1] * (x.ndim - 1))
-                              * (mean - out.trajectory[k + 1]).pow(2)).flatten(1).sum(1)
-                        loss = scale * sq.mean() / (2 * std**2)
-                    else:
-                        eps = torch.randn(x_end.shape, generator=task.generator, device=x_end.device)
-                        x_t, target = forward_noise(s, k, x_end, eps)
-                        with torch.no_grad():
-                            mean_base = transition_mean(s, k, x_t, task.base(x_t, s.timesteps[k]))
-                        mean = transition_mean(s, k, x_t, task.policy(x_t, s.timesteps[k]))
-                        to_target = (mean - transition_mean(s, k, x_t, target)).pow(2).flatten(1).sum(1)
-                        to_base = (mean - mean_base).pow(2).flatten(1).sum(1)
-                        loss = scale * ((w - w_base) * to_target + w_base * to_base).mean() / (2 * std**2)
-                    task.backward(loss)
-                total += loss.detach()
-            return total
+            return backward_each(task, [controlled[i] for i in draw_steps(len(controlled), self.steps, task.shared)],
+                                 step_loss)
 
         return Estimate(r, out.kl.detach(), out.log_ratio, alpha, k_steps, backward, checks=(log_w,), extra=numbers)
 
