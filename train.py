@@ -25,10 +25,23 @@ def main(argv=None) -> int:
     try:
         result = train(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_lost_peer(err, cfg) or err}", file=sys.stderr)
         return 2
     print(f"done: {result['steps']} steps ({result['skipped']} skipped); adapter in {cfg.output.dir}")
     return 0
+
+
+def _lost_peer(err: Exception, cfg) -> str | None:
+    """A failed collective said as what it means for the user (the backend's own words in brackets), else None."""
+    import torch.distributed as dist
+
+    said = (str(err).strip().splitlines() or [""])[0]
+    backend = any(word in said for word in ("gloo", "NCCL", "c10d", "Connection closed", "Connection reset"))
+    if not (dist.is_available() and dist.is_initialized() and (isinstance(err, dist.DistError) or backend)):
+        return None
+    return (f"another process died, hung or was stopped: a collective failed or waited past distributed.timeout_s="
+            f"{cfg.distributed.timeout_s} s ({said}). Complete checkpoints under {cfg.output.dir}/checkpoints are kept: "
+            f"`--resume latest` continues from the newest")
 
 
 if __name__ == "__main__":

@@ -109,6 +109,11 @@ class OutputConfig:
 
 
 @dataclass
+class DistributedConfig:
+    timeout_s: int = 1800  # a collective waits this long for a dead or stuck process, then this one stops with an error
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -119,6 +124,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 _CHOICES = {
@@ -168,7 +174,8 @@ def _validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {choices}")
     positive = {"sampler.steps": cfg.sampler.steps, "optim.steps": cfg.optim.steps, "optim.batch_size": cfg.optim.batch_size,
-                "optim.grad_accum": cfg.optim.grad_accum, "control.rank": cfg.control.rank}
+                "optim.grad_accum": cfg.optim.grad_accum, "control.rank": cfg.control.rank,
+                "output.keep_last": cfg.output.keep_last, "distributed.timeout_s": cfg.distributed.timeout_s}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}': must be >= 1, got {value}")
@@ -183,6 +190,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'objective.adjoint_steps': must be >= 1 (or null for all), got {o.adjoint_steps}")
     if o.window_min < 0 or (o.window_max is not None and o.window_max < o.window_min):
         raise ConfigError(f"config keys 'objective.window_min/max': need 0 <= min <= max, got {o.window_min}, {o.window_max}")
+    if o.window_max is not None and o.window_max < 1:
+        raise ConfigError(f"config key 'objective.window_max': {o.window_max} leaves the gradient window without a "
+                          f"controlled step, so the reward never reaches the weights; use >= 1 (or null for the whole chain)")
     # knobs of one estimator set for another would be ignored without a word: say so instead
     if o.estimator != "adjoint" and o.adjoint_steps is not None:
         raise ConfigError(f"config key 'objective.adjoint_steps': only for objective.estimator=adjoint (got {o.estimator!r})")

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from . import models
+from . import checkpoint, models
 from .config import Config, to_yaml
 from .control import add_lora_control, base_denoiser, load_lora_control, lora_state_dict, save_lora_control
 from .data import DTYPES, load_pipeline, load_prompts
@@ -26,16 +26,10 @@ MAX_BAD_REWARD_STEPS = 3  # a reward that is non-finite this often in a row is b
 
 
 class Counters:
-    """Step and skipped-step counts, saved and restored with accelerate's state."""
+    """Step and skipped-step counts; a checkpoint keeps them in JSON (`checkpoint.STATE_FILE`)."""
 
     def __init__(self) -> None:
         self.step, self.skipped = 0, 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "skipped": self.skipped}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.skipped = int(state["step"]), int(state["skipped"])
 
 
 def build_reward(cfg: Config):
@@ -61,17 +55,23 @@ def score(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 
 
 def train(cfg: Config, resume: str | None = None) -> dict:
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
     out_dir = cfg.output.dir
+    alone = _launched_alone()
+    if alone:
+        raise RuntimeError(alone)
     accelerator = Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed.timeout_s))],
         cpu=_cpu_only(),
         mixed_precision=cfg.optim.mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
         log_with=None if cfg.logging.tracker == "none" else cfg.logging.tracker,
-        project_config=ProjectConfiguration(project_dir=out_dir, automatic_checkpoint_naming=True, total_limit=cfg.output.keep_last),
+        project_config=ProjectConfiguration(project_dir=out_dir),  # checkpoints: sb_finetune.checkpoint
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
@@ -91,6 +91,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     # ---- model, control, optimizer
     pipe = load_pipeline(cfg.model).to(accelerator.device)
     family = models.detect_family(pipe) if cfg.model.family == "auto" else cfg.model.family
+    schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.flow_method)
+    if not bool(schedule.controlled.any()):
+        raise ValueError(f"sampler.steps={cfg.sampler.steps}, sampler.eta={cfg.sampler.eta}: no step of this chain is "
+                         f"controlled ({int((schedule.std > 0).sum())} stochastic; a deterministic step takes the base's "
+                         f"mean and pays no KL), so training would change nothing: use sampler.steps >= 2 and eta > 0")
     module = models.denoiser_module(pipe)
     params = add_lora_control(module, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
     for part in ("vae", "text_encoder", "text_encoder_2"):
@@ -101,7 +106,6 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     lr_schedule = _lr_schedule(cfg, optimizer, accelerator.num_processes)
     ddp_module, optimizer, lr_schedule = accelerator.prepare(module, optimizer, lr_schedule)
     counters = Counters()
-    accelerator.register_for_checkpointing(counters)
     meta = {"base_model": cfg.model.pretrained, "family": family, "sampler": {"steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
             "flow_method": cfg.sampler.flow_method, "guidance_scale": cfg.sampler.guidance_scale},
             "alpha": cfg.objective.alpha, "reward": reward.name}
@@ -110,15 +114,12 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     accelerator.register_load_state_pre_hook(_load_hook(module))
     history = []
     if resume:
-        path = _checkpoint_path(out_dir, resume)
+        path = checkpoint.choose(accelerator, out_dir, resume)  # the newest every process reads whole
         accelerator.load_state(path)
-        name = os.path.basename(os.path.normpath(path))
-        if name.startswith("checkpoint_") and name[11:].isdigit():  # new checkpoints continue the numbering
-            accelerator.project_configuration.iteration = int(name[11:]) + 1
+        counters.step, counters.skipped = checkpoint.read_state(path)
         history = _read_history(out_dir, counters.step)
         _restart_lr_schedule(lr_schedule, cfg, counters.step, accelerator.num_processes)
         accelerator.print(f"resumed from {path} at step {counters.step}")
-    schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.flow_method)
     estimator = make_estimator(cfg.objective)
     if accelerator.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
@@ -192,7 +193,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         bar.update(1)
         bar.set_postfix(reward=f"{logs['reward_mean']:.3f}", kl=f"{logs['kl']:.3f}", sec=f"{logs['step_time']:.1f}")
         if cfg.output.checkpoint_every and counters.step % cfg.output.checkpoint_every == 0:
-            accelerator.save_state()
+            checkpoint.save(accelerator, out_dir, counters.step, cfg.output.keep_last)
             if accelerator.is_main_process:
                 _write_history(out_dir, history)
         if cfg.logging.eval_every and counters.step % cfg.logging.eval_every == 0 and counters.step < cfg.optim.steps:
@@ -214,6 +215,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
             url = push_to_hub(out_dir, cfg.output.push_to_hub, allow_patterns=PUSHED_FILES)
             accelerator.print(f"pushed to {url}")
+    # the group goes down on every rank at once, after the main one's last write: a rank tearing gloo down while a
+    # peer still holds the connection can abort at exit ("terminate called without an active exception")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"steps": counters.step, "skipped": counters.skipped, "history": history, "lora": lora}
 
@@ -291,12 +295,27 @@ def _cpu_only() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_CPU") or not has_accelerator
 
 
+def _launched_alone() -> str | None:
+    """Why this process trains alone although more were asked for, or None. `accelerate launch --cpu
+    --num_processes N` (N > 1) starts ONE process: it sets MASTER_ADDR/PORT for MPI to start the rest, and without
+    mpirun nothing does (no WORLD_SIZE, no MPI rank variables)."""
+    from accelerate.utils import get_int_from_env, parse_flag_from_env
+
+    world = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    if parse_flag_from_env("ACCELERATE_USE_CPU") and "MASTER_ADDR" in os.environ and world == 1:
+        return ("`accelerate launch --cpu --num_processes N` started one process (it leaves the others to mpirun): "
+                "this run would train alone. On CPUs use `accelerate launch --multi_gpu --num_processes N train.py ...` "
+                "(gloo); for one process, `accelerate launch --cpu train.py ...` without --num_processes")
+    return None
+
+
 def _save_hook(accelerator, pipe, module, meta: dict, counters: Counters, cfg: Config):
     def hook(models_, weights, output_dir):
         if accelerator.is_main_process:
             save_lora_control(pipe, module, output_dir, {**meta, "steps": counters.step, "skipped_steps": counters.skipped})
             with open(os.path.join(output_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
+            checkpoint.write_state(output_dir, counters.step, counters.skipped)
         weights.clear()  # the adapter file above is the model state; accelerate keeps optimizer, RNG, counters
 
     return hook
@@ -338,8 +357,10 @@ def _agree(accelerator, finite: bool, problem: str | None) -> tuple[bool, str | 
 
 
 def _write_history(out_dir: str, history: list[dict]) -> None:
-    with open(os.path.join(out_dir, "history.json"), "w") as f:
+    path = os.path.join(out_dir, "history.json")
+    with open(path + ".partial", "w") as f:  # a kill while writing leaves the previous history whole
         json.dump(history, f)
+    os.replace(path + ".partial", path)
 
 
 def _read_history(out_dir: str, step: int) -> list[dict]:
@@ -348,15 +369,3 @@ def _read_history(out_dir: str, step: int) -> list[dict]:
         return []
     with open(path) as f:
         return json.load(f)[:step]
-
-
-def _checkpoint_path(out_dir: str, resume: str) -> str:
-    if resume != "latest":
-        if not os.path.isdir(resume):
-            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
-        return resume
-    folder = os.path.join(out_dir, "checkpoints")
-    found = sorted(os.listdir(folder), key=lambda n: int(n.rsplit("_", 1)[-1])) if os.path.isdir(folder) else []
-    if not found:
-        raise FileNotFoundError(f"--resume latest: no checkpoint under {folder}")
-    return os.path.join(folder, found[-1])

@@ -185,7 +185,7 @@ def test_resume_continues_exactly(tmp_path):
     lr = ("optim.lr=1e-2", "optim.lr_schedule=cosine", "optim.warmup_steps=1")
     straight = train(_smoke(tmp_path / "straight", "optim.steps=4", *lr))
     first = train(_smoke(tmp_path / "split", "optim.steps=2", *lr, "output.checkpoint_every=2"))
-    checkpoint = tmp_path / "split" / "checkpoints" / "checkpoint_0"
+    checkpoint = tmp_path / "split" / "checkpoints" / "checkpoint_2"  # named by its step
     assert (checkpoint / "pytorch_lora_weights.safetensors").exists() and (checkpoint / "config.yaml").exists()
     assert not list(checkpoint.glob("model*.safetensors"))  # the LoRA, not the frozen model, per checkpoint
     resumed = train(_smoke(tmp_path / "split", "optim.steps=4", *lr, "output.checkpoint_every=2"), resume="latest")
