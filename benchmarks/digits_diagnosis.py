@@ -84,18 +84,17 @@ def measure(folder: str) -> dict:
     from sb_finetune.config import load_config
     from sb_finetune.data import load_prompts
     from sb_finetune.evaluation import sample_paths
-    from sb_finetune.models import denoiser_module
     from sb_finetune.pipelines import load_finetuned
     from sb_finetune.rewards import load_reward
-    from sb_finetune.sde import make_schedule
 
     with open(os.path.join(folder, "summary.json")) as f:
         summary = json.load(f)
     cfg = load_config(os.path.join(folder, "config.yaml"))
     pipe = load_finetuned(folder)
     reward = load_reward(cfg.reward.name, **cfg.reward.kwargs)
-    schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta)
-    paths = sample_paths(pipe, denoiser_module(pipe), "unet2d", schedule, reward, load_prompts(cfg.prompts), SAMPLES, 128,
+    fam = pipe.sb_model
+    schedule = fam.schedule(cfg.sampler.steps, cfg.sampler.eta)
+    paths = sample_paths(fam, fam.module, schedule, reward, load_prompts(cfg.prompts), SAMPLES, 128,
                          seed=777)
     alpha, log_z = cfg.objective.alpha, -summary["optimum"]["objective"] / cfg.objective.alpha
     per_path = alpha * paths.log_ratio.sum(1).double() - paths.reward.double() + alpha * log_z  # alpha·log dP_θ/dP*
@@ -136,23 +135,22 @@ def optimum_profile(continuations: int = 32, paths: int = 48, n_base: int = 2048
     from each of their states (`sb_finetune.objective.optimum_kl_profile`), beside its total KL(p* ‖ p_base)."""
     import torch
 
-    from sb_finetune import models
     from sb_finetune.config import load_config
     from sb_finetune.data import load_pipeline
+    from sb_finetune.families import family_of
     from sb_finetune.objective import optimum_kl_profile, tilted_optimum
     from sb_finetune.rewards import load_reward
     from sb_finetune.rollout import rollout
-    from sb_finetune.sde import make_schedule
 
     torch.set_flush_denormal(True)
     cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"))
-    pipe = load_pipeline(cfg.model)
-    schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta)
-    base = models.make_denoiser(pipe.unet, "unet2d", models.encode(pipe, "unet2d", None, 1))
+    fam = family_of(load_pipeline(cfg.model))
+    schedule = fam.schedule(cfg.sampler.steps, cfg.sampler.eta)
+    base = fam.denoiser(fam.module, fam.encode(None, 1))
     judge = load_reward(cfg.reward.name, **cfg.reward.kwargs)
 
     def reward(x):
-        return judge(models.decode(pipe, "unet2d", x), [""] * x.shape[0])
+        return judge(fam.decode(x), [""] * x.shape[0])
 
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -179,24 +177,23 @@ def gradient_noise(folder: str, batches: int = 16, overrides: list[str] | None =
     objective.window_min=20: the full window's, the unbiased gradient of the objective itself)."""
     import torch
 
-    from sb_finetune import models
     from sb_finetune.config import load_config
     from sb_finetune.control import add_lora_control, base_denoiser, load_lora_control
     from sb_finetune.data import load_pipeline
     from sb_finetune.estimators import Task, make_estimator
+    from sb_finetune.families import family_of
     from sb_finetune.rewards import load_reward
-    from sb_finetune.sde import make_schedule
 
     torch.set_flush_denormal(True)
     cfg = load_config(os.path.join(folder, "config.yaml"), list(overrides or []))
-    pipe = load_pipeline(cfg.model)
-    params = add_lora_control(pipe.unet, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
-    load_lora_control(pipe.unet, folder)
-    schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta)
+    fam = family_of(load_pipeline(cfg.model))
+    params = add_lora_control(fam.module, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
+    load_lora_control(fam.module, folder)
+    schedule = fam.schedule(cfg.sampler.steps, cfg.sampler.eta)
     judge = load_reward(cfg.reward.name, **cfg.reward.kwargs)
     b = cfg.optim.batch_size
-    policy = models.make_denoiser(pipe.unet, "unet2d", models.encode(pipe, "unet2d", None, b))
-    base = base_denoiser(policy, pipe.unet)
+    policy = fam.denoiser(fam.module, fam.encode(None, b))
+    base = base_denoiser(policy, fam.module)
     estimator = make_estimator(cfg.objective)
     grads = []
     for i in range(batches):
@@ -204,7 +201,7 @@ def gradient_noise(folder: str, batches: int = 16, overrides: list[str] | None =
         for p in params:
             p.grad = None
         est = estimator(Task(policy, base, schedule, torch.randn(b, 1, 16, 16, generator=g),
-                             lambda x: judge(models.decode(pipe, "unet2d", x), [""] * b), cfg.objective.alpha, generator=g,
+                             lambda x: judge(fam.decode(x), [""] * b), cfg.objective.alpha, generator=g,
                              shared=torch.Generator().manual_seed(i)))
         est.backward()
         grads.append(torch.cat([p.grad.flatten() for p in params]))

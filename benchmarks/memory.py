@@ -24,29 +24,28 @@ import time
 def child(n: int, k: int, ckpt: bool, batch: int, estimator: str = "pathwise") -> dict:
     import torch
 
-    from sb_finetune import models
     from sb_finetune.control import add_lora_control, base_denoiser
     from sb_finetune.estimators import Task
     from sb_finetune.estimators.adjoint import AdjointMatching
     from sb_finetune.estimators.pathwise import Pathwise
-    from sb_finetune.sde import make_schedule
+    from sb_finetune.families import family_of
     from sb_finetune.testing import tiny_sd_pipeline
 
     torch.manual_seed(0)
-    pipe = tiny_sd_pipeline()
-    unet = pipe.unet
+    fam = family_of(tiny_sd_pipeline())
+    unet = fam.module
     params = add_lora_control(unet, rank=4)
-    cond = models.encode(pipe, "sd", ["a photo of a cat"] * batch, batch)
-    policy = models.make_denoiser(unet, "sd", cond)
+    cond = fam.encode(["a photo of a cat"] * batch, batch)
+    policy = fam.denoiser(unet, cond)
     base = base_denoiser(policy, unet)
-    schedule = make_schedule(pipe.scheduler, n)
-    x = torch.randn(models.latent_shape(pipe, "sd", batch))
+    schedule = fam.schedule(n)
+    x = torch.randn(fam.latent_shape(batch))
     with torch.no_grad():  # warm-up, so allocator and kernels are set before measuring
         policy(x, schedule.timesteps[0])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     make = AdjointMatching(k) if estimator == "adjoint" else Pathwise(k, ckpt)
-    reward = lambda latents: models.decode(pipe, "sd", latents).mean(dim=(1, 2, 3))  # noqa: E731
+    reward = lambda latents: fam.decode(latents).mean(dim=(1, 2, 3))  # noqa: E731
     est = make(Task(policy, base, schedule, x, reward, 1.0, generator=torch.Generator().manual_seed(0)))
     est.backward()
     step = time.perf_counter() - t0

@@ -5,16 +5,14 @@
     out = pipe("a photo of a cat", return_kl=True)  # out.images, out.kl [B, N] nats to the base model
 """
 
+from sb_finetune.families import FAMILIES
+
 from .core import SBFinetunedMixin, SBPipelineOutput
 from .ddpm import SBDDPMPipeline
 from .text_to_image import SBStableDiffusion3Pipeline, SBStableDiffusionPipeline, SBStableDiffusionXLPipeline
 
-PIPELINES = {
-    "sd": SBStableDiffusionPipeline,
-    "sdxl": SBStableDiffusionXLPipeline,
-    "sd3": SBStableDiffusion3Pipeline,
-    "unet2d": SBDDPMPipeline,
-}
+# family name → our pipeline class: each family object names its own
+PIPELINES = {name: globals()[family.pipeline] for name, family in FAMILIES.items()}
 
 
 def load_finetuned(path_or_hub_id: str, base=None, **from_pretrained_kwargs):

@@ -7,19 +7,16 @@ prompts, runs the rollout under `no_grad`, and post-processes the images as diff
 from __future__ import annotations
 
 import inspect
-import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers.utils import BaseOutput
 
-from sb_finetune import models
-from sb_finetune.control import ADAPTER_FILE, attach_adapter, base_denoiser, has_adapter, load_lora_control
+from sb_finetune.control import base_denoiser, has_adapter
+from sb_finetune.families import Conditioning, family_of
 from sb_finetune.hub import read_adapter_folder, resolve_adapter_folder
 from sb_finetune.rollout import Rollout, rollout
-from sb_finetune.sde import make_schedule
 
 
 @dataclass
@@ -34,9 +31,15 @@ class SBPipelineOutput(BaseOutput):
 
 
 class SBFinetunedMixin:
-    """`from_finetuned` and `load_sb_control` for a stock diffusers pipeline class with `sb_family` set."""
+    """`from_finetuned` and `load_sb_control` for a stock diffusers pipeline class with `sb_family` set (the name
+    of its family object in `sb_finetune.families`)."""
 
     sb_family: str = ""
+
+    @property
+    def sb_model(self):
+        """This pipeline's family object: encode, denoise, latents, decode, schedule."""
+        return family_of(self, self.sb_family)
 
     @classmethod
     def from_finetuned(cls, path_or_hub_id: str, base=None, **from_pretrained_kwargs):
@@ -54,14 +57,11 @@ class SBFinetunedMixin:
         meta = read_adapter_folder(folder, require_metadata=False)
         _check_family(meta, type(self), folder)
         try:
-            if self.sb_family == "unet2d":
-                _load_unet2d_adapter(self.unet, folder)
-            else:
-                self.load_lora_weights(folder)
+            self.sb_model.load_adapter(folder)
         except (ValueError, RuntimeError, KeyError) as err:
             raise ValueError(f"the adapter in '{folder}' does not fit this {type(self).__name__}'s model "
                              f"({str(err).splitlines()[0][:200]})") from None
-        if not has_adapter(models.denoiser_module(self)):
+        if not has_adapter(self.sb_model.module):
             raise ValueError(f"the adapter in '{folder}' matched no layer of this {type(self).__name__}'s model")
         self.sb_metadata = meta
         return self
@@ -107,22 +107,6 @@ def _from_components(cls, components: dict):
     return pipe
 
 
-def _load_unet2d_adapter(unet, folder: str) -> None:
-    """diffusers has no LoRA loader for UNet2DModel: read the same file format and inject it with peft."""
-    from peft import LoraConfig
-    from safetensors import safe_open
-
-    path = os.path.join(folder, ADAPTER_FILE)
-    with safe_open(path, framework="pt") as f:
-        header = f.metadata() or {}
-    if "lora_adapter_metadata" not in header:
-        raise ValueError(f"{path} carries no LoRA config (lora_adapter_metadata)")
-    config = json.loads(header["lora_adapter_metadata"])["unet"]
-    fields = {k for k in LoraConfig.__dataclass_fields__ if k not in ("peft_type",)}
-    attach_adapter(unet, LoraConfig(**{k: v for k, v in config.items() if k in fields}))
-    load_lora_control(unet, folder)
-
-
 # --------------------------------------------------------------------------- sampling
 
 
@@ -139,14 +123,16 @@ def check_call_inputs(pipe, generator, callback_tensor_inputs, unsupported: dict
         raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not among {allowed}")
 
 
-def sample(pipe, cond: models.Conditioning, shape: tuple[int, ...], *, num_inference_steps: int, eta: float,
+def sample(pipe, cond: Conditioning, shape: tuple[int, ...], *, num_inference_steps: int, eta: float,
            flow_method: str = "posterior", generator=None, latents=None, return_kl: bool = False,
-           return_trajectory: bool = False, callback=None, callback_tensor_inputs=("latents",), extra_tensors=None) -> Rollout:
+           return_trajectory: bool = False, callback=None, callback_tensor_inputs=("latents",), extra_tensors=None,
+           size: tuple[int, int] | None = None) -> Rollout:
     """The engine's rollout with the pipeline's model: the adapter (if any) as policy, the adapter off as base."""
-    module = models.denoiser_module(pipe)
+    fam = pipe.sb_model
+    module = fam.module
     device = module.device
-    schedule = make_schedule(pipe.scheduler, num_inference_steps, eta, flow_method)
-    policy = models.make_denoiser(module, pipe.sb_family, cond)
+    schedule = fam.schedule(num_inference_steps, eta, flow_method, size)
+    policy = fam.denoiser(module, cond)
     if eta == 0 and return_kl:
         raise ValueError("return_kl needs eta > 0: a deterministic sampler's path KL to the base is undefined")
     # The trained process: deterministic steps (a memoryless chain's last one) are the base's. At eta = 0 every
@@ -157,7 +143,7 @@ def sample(pipe, cond: models.Conditioning, shape: tuple[int, ...], *, num_infer
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
         x = latents.to(device=device, dtype=torch.float32)
     else:
-        x = models.start_noise(pipe, shape, generator, device)
+        x = fam.start_noise(shape, generator, device)
 
     def on_step(k: int, x: torch.Tensor):  # diffusers' callback_on_step_end; it may replace the latents
         tensors = {"latents": x, **(extra_tensors or {})}
@@ -173,7 +159,8 @@ def finish(pipe, result: Rollout, output_type: str, return_dict: bool, return_kl
     if output_type == "latent":
         images = result.x
     else:
-        images = models.decode(pipe, pipe.sb_family, result.x.to(models.denoiser_module(pipe).dtype))
+        fam = pipe.sb_model
+        images = fam.decode(result.x.to(fam.module.dtype))
         if output_type in ("np", "pil"):
             images = images.permute(0, 2, 3, 1).float().cpu().numpy()
             images = pipe.numpy_to_pil(images) if output_type == "pil" else images

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMPipeline
 
-from sb_finetune import models
-
 from .core import SBFinetunedMixin, check_call_inputs, finish, sample
 
 
@@ -22,8 +20,8 @@ class SBDDPMPipeline(SBFinetunedMixin, DDPMPipeline):
         """Sample `batch_size` images with the SDE (η = `eta`; 1 = DDPM, memoryless); `return_kl` adds the
         per-step KL to the base model."""
         check_call_inputs(self, generator, callback_on_step_end_tensor_inputs, unsupported)
-        cond = models.Conditioning({}, None, 1.0, batch_size)
-        shape = models.latent_shape(self, "unet2d", batch_size)
+        cond = self.sb_model.encode(None, batch_size)
+        shape = self.sb_model.latent_shape(batch_size)
         result = sample(self, cond, shape, num_inference_steps=num_inference_steps, eta=eta, generator=generator,
                         latents=latents, return_kl=return_kl, return_trajectory=return_trajectory,
                         callback=callback_on_step_end, callback_tensor_inputs=callback_on_step_end_tensor_inputs)

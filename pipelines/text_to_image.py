@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from sb_finetune import models
-
 from .core import SBFinetunedMixin, check_call_inputs, finish, sample
 
 
@@ -26,13 +24,11 @@ def _text_to_image(pipe, prompt, height, width, num_inference_steps, guidance_sc
     prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
     if isinstance(negative_prompt, (list, tuple)):
         negative_prompt = [n for n in negative_prompt for _ in range(num_images_per_prompt)]
-    module = models.denoiser_module(pipe)
-    height = height or module.config.sample_size * pipe.vae_scale_factor
-    width = width or module.config.sample_size * pipe.vae_scale_factor
-    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
-        raise ValueError(f"height and width must be multiples of {pipe.vae_scale_factor}, got {height}×{width}")
-    cond = models.encode(pipe, pipe.sb_family, prompts, len(prompts), guidance_scale, negative_prompt, size=(height, width))
-    shape = (len(prompts), module.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    fam = pipe.sb_model
+    default_h, default_w = fam.default_size()
+    height, width = height or default_h, width or default_w
+    shape = fam.latent_shape(len(prompts), height, width)  # checks the size fits the latent grid
+    cond = fam.encode(prompts, len(prompts), guidance_scale, negative_prompt, size=(height, width))
     extras = {
         "prompt_embeds": cond.cond["encoder_hidden_states"],
         "negative_prompt_embeds": cond.uncond["encoder_hidden_states"] if cond.uncond else None,
@@ -43,7 +39,7 @@ def _text_to_image(pipe, prompt, height, width, num_inference_steps, guidance_sc
     result = sample(pipe, cond, shape, num_inference_steps=num_inference_steps, eta=eta, flow_method=flow_method,
                     generator=generator, latents=latents, return_kl=return_kl, return_trajectory=return_trajectory,
                     callback=callback_on_step_end, callback_tensor_inputs=callback_on_step_end_tensor_inputs,
-                    extra_tensors={k: v for k, v in extras.items() if v is not None})
+                    extra_tensors={k: v for k, v in extras.items() if v is not None}, size=(height, width))
     return finish(pipe, result, output_type, return_dict, return_kl, return_trajectory)
 
 

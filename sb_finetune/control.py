@@ -110,20 +110,12 @@ def save_lora_control(pipe, module: torch.nn.Module, out_dir: str, metadata: dic
     import os
 
     from . import __version__
+    from .families import family_of
 
     module = getattr(module, "module", module)
-    layers = lora_state_dict(module)
-    peft_meta = module.peft_config["default"].to_dict()
     os.makedirs(out_dir, exist_ok=True)
-    if hasattr(pipe, "transformer"):
-        type(pipe).save_lora_weights(out_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=peft_meta)
-    elif hasattr(pipe, "text_encoder"):
-        type(pipe).save_lora_weights(out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=peft_meta)
-    else:  # unconditional UNet2DModel: diffusers has no LoRA loader mixin for it; same file, same keys
-        from safetensors.torch import save_file
-
-        save_file({f"unet.{k}": v.contiguous() for k, v in layers.items()}, os.path.join(out_dir, ADAPTER_FILE),
-                  metadata={"lora_adapter_metadata": json.dumps({"unet": _jsonable(peft_meta)})})
+    family = family_of(pipe, metadata.get("family", "auto"))
+    family.save_adapter(out_dir, lora_state_dict(module), module.peft_config["default"].to_dict())
     meta = {**metadata, "sb_finetune_version": __version__}
     with open(os.path.join(out_dir, META_FILE), "w") as f:
         json.dump(meta, f, indent=1, default=str)
@@ -149,7 +141,7 @@ def load_lora_control(module: torch.nn.Module, folder: str) -> None:
         raise ValueError(f"the adapter in '{folder}' does not fit this model: unexpected keys {unexpected[:3]}")
 
 
-def _jsonable(d: dict) -> dict:
+def jsonable(d: dict) -> dict:
     import json
 
     return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))

@@ -11,39 +11,42 @@ from dataclasses import dataclass
 
 import torch
 
-from . import models
 from .config import Config
 from .control import base_denoiser
 from .objective import tilted_optimum
 from .rollout import path_log_ratio, rollout
 
 
-def _rollout_images(pipe, module, family: str, schedule, cond, n: int, generator: torch.Generator,
+def _rollout_images(fam, module, schedule, cond, n: int, generator: torch.Generator,
                     resolution: int | None, from_base: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n samples of the current control from fresh noise: (decoded images [n, 3, H, W], per-step KL to the base
     [n, N], per-step log dP_θ/dP_base of the sampled transitions [n, N]). from_base: sampled from the base model
     instead, scored against the control (the same log-ratio, now along base paths)."""
     device = next(module.parameters()).device
-    policy = models.make_denoiser(module, family, cond)
+    policy = fam.denoiser(module, cond)
     base = base_denoiser(policy, module)
-    x = models.start_noise(pipe, models.latent_shape(pipe, family, n, resolution), generator, device)
+    x = fam.start_noise(fam.latent_shape(n, resolution, resolution), generator, device)
     if not from_base:
         out = rollout(policy, base, schedule, x, window=0, generator=generator)
-        return models.decode(pipe, family, out.x), out.kl, out.log_ratio
+        return fam.decode(out.x), out.kl, out.log_ratio
     out = rollout(base, base, schedule, x, window=0, generator=generator, return_trajectory=True, return_means=True)
     log_ratio = path_log_ratio(policy, schedule, out.trajectory, out.means)
-    return models.decode(pipe, family, out.x), out.kl, log_ratio
+    return fam.decode(out.x), out.kl, log_ratio
+
+
+def _size(resolution: int | None) -> tuple[int, int] | None:
+    return (resolution, resolution) if resolution else None
 
 
 @torch.no_grad()
-def eval_grid(pipe, module, family: str, schedule, prompts: list[str], seeds: list[int], guidance_scale: float = 1.0,
+def eval_grid(fam, module, schedule, prompts: list[str], seeds: list[int], guidance_scale: float = 1.0,
               negative_prompt: str | None = None, resolution: int | None = None) -> tuple[torch.Tensor, float]:
     """Images [len(prompts) · len(seeds), 3, H, W] in [0, 1] (row = prompt, column = seed) and their mean path KL."""
-    cond = models.encode(pipe, family, prompts, len(prompts), guidance_scale, negative_prompt or None)
+    cond = fam.encode(prompts, len(prompts), guidance_scale, negative_prompt or None, _size(resolution))
     device = next(module.parameters()).device
     columns, kls = [], []
     for seed in seeds:
-        images, kl, _ = _rollout_images(pipe, module, family, schedule, cond, len(prompts),
+        images, kl, _ = _rollout_images(fam, module, schedule, cond, len(prompts),
                                         torch.Generator(device).manual_seed(int(seed)), resolution)
         columns.append(images)
         kls.append(kl.sum(1))
@@ -69,7 +72,7 @@ class Paths:
 
 
 @torch.no_grad()
-def sample_paths(pipe, module, family: str, schedule, reward, prompts: list[str], n: int, batch: int, seed: int = 12345,
+def sample_paths(fam, module, schedule, reward, prompts: list[str], n: int, batch: int, seed: int = 12345,
                  guidance_scale: float = 1.0, negative_prompt: str | None = None, resolution: int | None = None,
                  from_base: bool = False) -> Paths:
     """n paths of the current control (or of the base, scored against the control) from a fixed seed, prompts in
@@ -79,8 +82,8 @@ def sample_paths(pipe, module, family: str, schedule, reward, prompts: list[str]
     images, rewards, kls, ratios = [], [], [], []
     for start in range(0, n, batch):
         chunk = [prompts[i % len(prompts)] for i in range(start, min(start + batch, n))]
-        cond = models.encode(pipe, family, chunk, len(chunk), guidance_scale, negative_prompt or None)
-        decoded, kl, log_ratio = _rollout_images(pipe, module, family, schedule, cond, len(chunk), g, resolution, from_base)
+        cond = fam.encode(chunk, len(chunk), guidance_scale, negative_prompt or None, _size(resolution))
+        decoded, kl, log_ratio = _rollout_images(fam, module, schedule, cond, len(chunk), g, resolution, from_base)
         images.append(decoded.cpu())
         rewards.append(reward(decoded, chunk).float().cpu())
         kls.append(kl.cpu())
@@ -96,7 +99,7 @@ def _weighted_metrics(reward, images: torch.Tensor, weights: torch.Tensor, devic
 
 
 @torch.no_grad()
-def summarize(pipe, module, family: str, schedule, reward, prompts: list[str], n: int, batch: int, seed: int = 12345,
+def summarize(fam, module, schedule, reward, prompts: list[str], n: int, batch: int, seed: int = 12345,
               guidance_scale: float = 1.0, negative_prompt: str | None = None, resolution: int | None = None,
               alpha: float = 1.0, optimum: str | None = None) -> tuple[dict, torch.Tensor]:
     """On n fresh samples of the current control (fixed seed): reward mean/std, path KL to the base (nats) and per
@@ -110,7 +113,7 @@ def summarize(pipe, module, family: str, schedule, reward, prompts: list[str], n
     numbers["gap"] is then the distance to it: the objective's excess alpha·KL(P_θ ‖ P*) on paths, estimated path
     by path as alpha·Σ log dP_θ/dP_base − R + alpha·log Z* (± its standard error), and the KL's excess."""
     device = next(module.parameters()).device
-    args = (pipe, module, family, schedule, reward, prompts, n, batch, seed, guidance_scale, negative_prompt, resolution)
+    args = (fam, module, schedule, reward, prompts, n, batch, seed, guidance_scale, negative_prompt, resolution)
     paths = sample_paths(*args)
     kl = paths.kl.sum(1)
     numbers = {"reward_mean": float(paths.reward.mean()), "reward_std": float(paths.reward.std()), "kl": float(kl.mean()),
@@ -162,10 +165,10 @@ def save_curves(history: list[dict], path: str, keys: tuple[str, ...] = ("reward
     canvas.save(path)
 
 
-def make_evaluator(accelerator, cfg: Config, pipe, module, family: str, schedule, prompts: list[str]):
+def make_evaluator(accelerator, cfg: Config, fam, module, schedule, prompts: list[str]):
     """evaluate(step): on the main process, an image grid of eval prompts × seeds → samples/step_XXXXXX.png + trackers."""
     eval_prompts = list(cfg.logging.eval_prompts) or prompts[:4]
-    if family == "unet2d":
+    if not fam.conditional:  # one row per "prompt": as many rows as asked, or 4
         eval_prompts = [""] * max(len(cfg.logging.eval_prompts), 4)
     done = set()
 
@@ -173,7 +176,7 @@ def make_evaluator(accelerator, cfg: Config, pipe, module, family: str, schedule
         if not cfg.logging.eval_every or step in done or not accelerator.is_main_process:
             return
         done.add(step)
-        images, kl = eval_grid(pipe, getattr(module, "module", module), family, schedule, eval_prompts, cfg.logging.eval_seeds,
+        images, kl = eval_grid(fam, getattr(module, "module", module), schedule, eval_prompts, cfg.logging.eval_seeds,
                                cfg.sampler.guidance_scale, cfg.sampler.negative_prompt, cfg.model.resolution)
         save_grid(images, len(cfg.logging.eval_seeds), os.path.join(cfg.output.dir, "samples", f"step_{step:06d}.png"))
         for tracker in accelerator.trackers:
@@ -185,7 +188,7 @@ def make_evaluator(accelerator, cfg: Config, pipe, module, family: str, schedule
     return evaluate
 
 
-def write_summary(accelerator, cfg: Config, pipe, module, family: str, schedule, reward, prompts: list[str], when: str,
+def write_summary(accelerator, cfg: Config, fam, module, schedule, reward, prompts: list[str], when: str,
                   extra: dict | None = None, history: list[dict] | None = None) -> None:
     """With logging.summary_samples: numbers on fresh samples "before"/"after" training → summary.json,
     samples_<when>.png (the first 64) and, after, curves.png of reward and KL over the steps.
@@ -195,7 +198,7 @@ def write_summary(accelerator, cfg: Config, pipe, module, family: str, schedule,
     "gap_after" is the trained control's distance to it, in nats."""
     if not cfg.logging.summary_samples or not accelerator.is_main_process:
         return
-    numbers, images = summarize(pipe, getattr(module, "module", module), family, schedule, reward, prompts,
+    numbers, images = summarize(fam, getattr(module, "module", module), schedule, reward, prompts,
                                 cfg.logging.summary_samples, 4 * cfg.optim.batch_size, guidance_scale=cfg.sampler.guidance_scale,
                                 negative_prompt=cfg.sampler.negative_prompt, resolution=cfg.model.resolution,
                                 alpha=cfg.objective.alpha, optimum="base" if when == "before" else "both")

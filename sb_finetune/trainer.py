@@ -11,15 +11,15 @@ import warnings
 
 import torch
 
-from . import checkpoint, models
+from . import checkpoint
 from .config import Config, to_yaml
 from .control import add_lora_control, base_denoiser, load_lora_control, lora_state_dict, save_lora_control
 from .data import DTYPES, load_pipeline, load_prompts
 from .estimators import DIFFERENTIABLE_ONLY, Task, make_estimator
 from .evaluation import make_evaluator, write_summary
+from .families import family_of
 from .objective import is_finite
 from .rewards import non_finite_message
-from .sde import make_schedule
 
 
 MAX_BAD_REWARD_STEPS = 3  # a reward that is non-finite this often in a row is broken, not unlucky
@@ -90,13 +90,14 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
     # ---- model, control, optimizer
     pipe = load_pipeline(cfg.model).to(accelerator.device)
-    family = models.detect_family(pipe) if cfg.model.family == "auto" else cfg.model.family
-    schedule = make_schedule(pipe.scheduler, cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.flow_method)
+    fam = family_of(pipe, cfg.model.family)  # encode, denoise, latents, decode, schedule: the model's own ways
+    size = (cfg.model.resolution,) * 2 if cfg.model.resolution else None
+    schedule = fam.schedule(cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.flow_method, size)
     if not bool(schedule.controlled.any()):
         raise ValueError(f"sampler.steps={cfg.sampler.steps}, sampler.eta={cfg.sampler.eta}: no step of this chain is "
                          f"controlled ({int((schedule.std > 0).sum())} stochastic; a deterministic step takes the base's "
                          f"mean and pays no KL), so training would change nothing: use sampler.steps >= 2 and eta > 0")
-    module = models.denoiser_module(pipe)
+    module = fam.module
     params = add_lora_control(module, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
     for part in ("vae", "text_encoder", "text_encoder_2"):
         if getattr(pipe, part, None) is not None:
@@ -106,7 +107,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     lr_schedule = _lr_schedule(cfg, optimizer, accelerator.num_processes)
     ddp_module, optimizer, lr_schedule = accelerator.prepare(module, optimizer, lr_schedule)
     counters = Counters()
-    meta = {"base_model": cfg.model.pretrained, "family": family, "sampler": {"steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
+    meta = {"base_model": cfg.model.pretrained, "family": fam.name, "sampler": {"steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
             "flow_method": cfg.sampler.flow_method, "guidance_scale": cfg.sampler.guidance_scale},
             "alpha": cfg.objective.alpha, "reward": reward.name}
     # checkpoints hold the LoRA in diffusers' format (+ config.yaml), not the whole frozen model
@@ -127,11 +128,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             f.write(to_yaml(cfg))
     if cfg.logging.tracker != "none":
         accelerator.init_trackers(cfg.logging.project)
-    evaluate = make_evaluator(accelerator, cfg, pipe, module, family, schedule, prompts)
+    evaluate = make_evaluator(accelerator, cfg, fam, module, schedule, prompts)
     started = time.time()
     if counters.step == 0:
         evaluate(0)
-        write_summary(accelerator, cfg, pipe, module, family, schedule, reward, prompts, "before")
+        write_summary(accelerator, cfg, fam, module, schedule, reward, prompts, "before")
 
     # ---- the loop
     local = lambda: accelerator.no_sync(ddp_module)  # noqa: E731  (partial backwards, all-reduced with a later one)
@@ -158,11 +159,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             # rank, so none waits for the slowest at the all-reduce
             shared = torch.Generator().manual_seed(draw_seed)
             with accelerator.accumulate(ddp_module):
-                cond = models.encode(pipe, family, batch_prompts, b, cfg.sampler.guidance_scale, cfg.sampler.negative_prompt or None)
-                policy = models.make_denoiser(ddp_module, family, cond, DTYPES[cfg.model.dtype])
-                base = base_denoiser(models.make_denoiser(module, family, cond, DTYPES[cfg.model.dtype]), module)
-                x0 = models.start_noise(pipe, models.latent_shape(pipe, family, b, cfg.model.resolution), g, accelerator.device)
-                task = Task(policy, base, schedule, x0, lambda x: score(reward, models.decode(pipe, family, x), batch_prompts),
+                cond = fam.encode(batch_prompts, b, cfg.sampler.guidance_scale, cfg.sampler.negative_prompt or None, size)
+                policy = fam.denoiser(ddp_module, cond, DTYPES[cfg.model.dtype])
+                base = base_denoiser(fam.denoiser(module, cond, DTYPES[cfg.model.dtype]), module)
+                x0 = fam.start_noise(fam.latent_shape(b, *(size or ())), g, accelerator.device)
+                task = Task(policy, base, schedule, x0, lambda x: score(reward, fam.decode(x), batch_prompts),
                             cfg.objective.alpha, g, shared, accelerator.backward, local, groups)
                 with accelerator.autocast():
                     est = estimator(task)
@@ -200,7 +201,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             evaluate(counters.step)
     bar.close()
     evaluate(counters.step)
-    write_summary(accelerator, cfg, pipe, module, family, schedule, reward, prompts, "after",
+    write_summary(accelerator, cfg, fam, module, schedule, reward, prompts, "after",
                   {"steps": counters.step, "seconds": round(time.time() - started, 1), "peak_rss_mb": _peak_rss_mb()}, history)
 
     # ---- the result: adapter + metadata + model card + resolved config; every rank holds the same control
