@@ -9,7 +9,7 @@ the fine-tuning targets.
 from __future__ import annotations
 
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from .core import SBFinetunedMixin, check_call_inputs, finish, sample
 
@@ -81,3 +81,12 @@ class SBStableDiffusion3Pipeline(SBTextToImageMixin, StableDiffusion3Pipeline):
     sb_family = "sd3"
     sb_default_steps = 28
     sb_default_guidance = 7.0
+
+
+class SBFluxPipeline(SBTextToImageMixin, FluxPipeline):
+    """FLUX.1 [dev] / [schnell]: `guidance_scale` is [dev]'s guidance embedding (one model call a step, no CFG);
+    callbacks see the latents unpacked, [B, C, h, w] (the stock pipeline's are packed into 2×2 tokens)."""
+
+    sb_family = "flux"
+    sb_default_steps = 28
+    sb_default_guidance = 3.5

@@ -108,20 +108,20 @@ def three_blobs() -> GaussianMixture:
     )
 
 
-def mixture_chain(family: str, num_steps: int, eta: float = 1.0, flow_method: FlowMethod = "posterior"
+def mixture_chain(process: str, num_steps: int, eta: float = 1.0, flow_method: FlowMethod = "posterior"
                   ) -> tuple[Schedule, Callable[[GaussianMixture], Denoiser]]:
     """The stock chain the tests and benchmarks run a mixture through, and a mixture's exact denoiser on it.
 
     VP: diffusers' DDPMScheduler (linear betas, "trailing" grid); flow: FlowMatchEulerDiscreteScheduler(shift=1)."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    if family == "vp":
+    if process == "vp":
         sched = DDPMScheduler(clip_sample=False, timestep_spacing="trailing")
         return make_schedule(sched, num_steps, eta), lambda mixture: mixture.vp_denoiser(sched.alphas_cumprod)
-    if family == "flow":
+    if process == "flow":
         schedule = make_schedule(FlowMatchEulerDiscreteScheduler(shift=1.0), num_steps, eta, flow_method)
         return schedule, lambda mixture: mixture.flow_denoiser()
-    raise ValueError(f"family {family!r}: vp or flow")
+    raise ValueError(f"process {process!r}: vp or flow")
 
 
 def objective_gap(out: Rollout, mixture: GaussianMixture, a: Tensor, alpha: float) -> tuple[float, float]:

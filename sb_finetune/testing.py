@@ -113,31 +113,34 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim"):
     )
 
 
-def tiny_sd3_transformer(seed: int = 0):
+def tiny_sd3_transformer(seed: int = 0, sd35: bool = False):
+    """SD3's MMDiT; sd35: SD3.5's shape (RMS qk-norm in every block, and a dual-attention first block as in 3.5 medium)."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
+    extra = dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if sd35 else {}
     return SD3Transformer2DModel(
         sample_size=LATENT_SIZE,
         patch_size=1,
         in_channels=4,
         out_channels=4,
-        num_layers=1,
+        num_layers=2 if sd35 else 1,
         attention_head_dim=8,
         num_attention_heads=4,
         caption_projection_dim=32,
         joint_attention_dim=2 * TEXT_HIDDEN,  # CLIP-L ⊕ CLIP-G hidden states (T5 left out: zeros of this width)
         pooled_projection_dim=2 * TEXT_HIDDEN,
         pos_embed_max_size=LATENT_SIZE,
+        **extra,
     ).eval()
 
 
-def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0):
-    """A tiny SD3 pipeline (flow matching). The T5 encoder is left out, as diffusers allows."""
+def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0, sd35: bool = False):
+    """A tiny SD3 pipeline (flow matching); sd35: an SD3.5 transformer. The T5 encoder is left out, as diffusers allows."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
-        transformer=tiny_sd3_transformer(seed),
+        transformer=tiny_sd3_transformer(seed, sd35),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
         vae=tiny_vae(seed + 1, flow=True),
         text_encoder=_text_encoder(seed + 2, projection=True),
@@ -147,6 +150,76 @@ def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0):
         text_encoder_3=None,
         tokenizer_3=None,
     )
+
+
+def tiny_sd35_pipeline(seed: int = 0):
+    """A tiny SD3.5 pipeline: the SD3 family with qk-norm and a dual-attention block."""
+    return tiny_sd3_pipeline(seed, sd35=True)
+
+
+def tiny_flux_transformer(seed: int = 0, guidance: bool = True):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels × a 2×2 token
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_HIDDEN,  # T5's hidden states
+        pooled_projection_dim=TEXT_HIDDEN,  # CLIP's pooled output
+        guidance_embeds=guidance,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    ).eval()
+
+
+def t5_tokenizer(model_max_length: int = 512):
+    """A T5 tokenizer (its conventions: </s> appended, <pad> 0, </s> 1, <unk> 2, sentencepiece's ▁ word marks) over
+    characters, built offline: the tiny kit's stand-in for the hub's 32k-piece T5 tokenizer."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = list(string.ascii_letters + string.digits + string.punctuation)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_t5_encoder(seed: int = 0, vocab_size: int = 192):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, d_model=TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance: bool = True):
+    """A tiny FLUX.1 pipeline ([dev] with the guidance embedding; guidance=False: [schnell]-like): CLIP (pooled) and
+    T5 text encoders, packed 2×2 latents, the dynamic shift; 32×32 images (16×16 latents, 8×8 tokens)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    tokenizer_2 = t5_tokenizer()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
+                                                  base_shift=0.5, max_shift=1.15),
+        vae=tiny_vae(seed + 1, flow=True),
+        text_encoder=_text_encoder(seed + 2, projection=False),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=tiny_t5_encoder(seed + 3, len(tokenizer_2)),
+        tokenizer_2=tokenizer_2,
+        transformer=tiny_flux_transformer(seed, guidance),
+    )
+    pipe.default_sample_size = LATENT_SIZE  # × vae_scale_factor 2: 32-pixel images by default
+    return pipe
 
 
 def tiny_unet2d(seed: int = 0, sample_size: int = LATENT_SIZE, channels: int = 3):
@@ -195,6 +268,8 @@ TINY_PIPELINES = {
     "sd": tiny_sd_pipeline,
     "sdxl": tiny_sdxl_pipeline,
     "sd3": tiny_sd3_pipeline,
+    "sd35": tiny_sd35_pipeline,
+    "flux": tiny_flux_pipeline,
     "ddpm": tiny_ddpm_pipeline,
 }
 

@@ -269,7 +269,8 @@ def test_a_nan_on_one_process_skips_the_step_on_every_process(tmp_path):
     assert [h["skipped"] for h in history] == [0, 1, 1] and math.isfinite(history[1]["reward_mean"])
 
 
-@pytest.mark.parametrize("name", ["sd15_aesthetic", "sd15_hps_pickscore", "sdxl_aesthetic", "sd3_pickscore"])
+@pytest.mark.parametrize("name", ["sd15_aesthetic", "sd15_hps_pickscore", "sdxl_aesthetic", "sd3_pickscore",
+                                  "flux_dev_pickscore", "flux_schnell_pickscore"])
 def test_gpu_configs_are_valid_and_say_what_to_download_when_offline(name, tmp_path):
     cfg = load_config(str(ROOT / f"configs/{name}.yaml"))
     assert cfg.model.pretrained and not cfg.model.pretrained.startswith("tiny:") and cfg.objective.checkpointing

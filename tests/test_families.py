@@ -1,0 +1,152 @@
+"""Model families as objects: one picks itself for each pipeline, none is switched on by name elsewhere; FLUX.1 and
+SD3.5 on the tiny kit: at eta = 0 the stock pipeline's images, at eta = 1 the engine's base process; FLUX's guidance
+embedding is conditioning; a 2-step run writes an adapter that the stock pipeline's `load_lora_weights` loads and that
+changes its images; two processes end with identical weights."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from sb_finetune.config import load_config
+from sb_finetune.control import add_lora_control, save_lora_control
+from sb_finetune.families import FAMILIES, family_of
+from sb_finetune.pipelines import PIPELINES, SBFluxPipeline, SBStableDiffusion3Pipeline, load_finetuned
+from sb_finetune.rollout import rollout
+from sb_finetune.testing import TINY_PIPELINES, tiny_flux_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROMPTS = ["a red cube", "a blue sphere"]
+KW = {"prompt": PROMPTS, "num_inference_steps": 4, "height": 32, "width": 32, "guidance_scale": 3.5, "output_type": "pt"}
+
+
+def _adapter(tmp_path, scale=0.05, guidance=True):
+    pipe = tiny_flux_pipeline(guidance=guidance)
+    fam = family_of(pipe)
+    add_lora_control(fam.module, rank=4, lora_alpha=8, init=True if scale == 0 else "gaussian")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in fam.module.named_parameters():
+            if "lora_B" in name and scale:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    folder = tmp_path / "adapter"
+    save_lora_control(pipe, fam.module, str(folder), {"base_model": "tiny:flux", "family": "flux",
+                                                      "sampler": {"steps": 4, "eta": 1.0}, "alpha": 0.1})
+    return str(folder)
+
+
+@pytest.mark.parametrize("kit,name", [("sd", "sd"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("sd35", "sd3"), ("flux", "flux"),
+                                      ("ddpm", "unet2d")])
+def test_each_kit_pipeline_picks_its_family_and_our_pipeline_class(kit, name):
+    fam = family_of(TINY_PIPELINES[kit]())
+    assert type(fam) is FAMILIES[name] and PIPELINES[name] is fam.pipeline_class()
+    assert fam.pipeline_class().sb_family == name
+
+
+def test_nothing_outside_the_family_files_switches_on_a_family_name():
+    """A family's behaviour lives in its file: no `family == "sd3"`, `sb_family in (...)` or `"unet2d" if` elsewhere."""
+    names = "|".join(FAMILIES)
+    switch = re.compile(rf"""\b(family|sb_family)\s*((==|!=)\s*["']|(not\s+)?in\s*[([{{])|["']({names})["']\s*(==|!=|if\b)""")
+    for path in [*ROOT.glob("sb_finetune/**/*.py"), *ROOT.glob("pipelines/*.py"), *ROOT.glob("rewards/*.py"), ROOT / "train.py"]:
+        if "families" in path.parts:
+            continue
+        hits = [line for line in path.read_text().splitlines() if switch.search(line)]
+        assert not hits, f"{path.relative_to(ROOT)} switches on a family name: {hits}"
+
+
+def test_the_kit_is_flux_and_its_family_is_picked():
+    pipe = tiny_flux_pipeline()
+    fam = family_of(pipe)
+    assert fam.name == "flux" and fam.pipeline_class() is SBFluxPipeline and PIPELINES["flux"] is SBFluxPipeline
+    assert fam.latent_shape(2) == (2, 4, 16, 16)  # 32-pixel images: 16×16 latents, 8×8 tokens of 2×2
+    with pytest.raises(ValueError, match="multiples of 4"):
+        fam.latent_shape(1, 30, 32)
+
+
+def test_eta_0_is_the_stock_flux_pipeline_with_the_adapter(tmp_path):
+    """Same seed, same prompts, same guidance: our SDE at eta = 0 is the stock flow-Euler sampler, the shift mu and the
+    σ grid as FluxPipeline computes them, and the guidance embedding reaches the model."""
+    folder = _adapter(tmp_path)
+    stock = tiny_flux_pipeline()
+    stock.load_lora_weights(folder)
+    reference = stock(**KW, generator=torch.Generator().manual_seed(0)).images
+    ours = SBFluxPipeline.from_finetuned(folder)
+    images = ours(**KW, eta=0.0, generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == reference.shape == (2, 3, 32, 32)
+    assert torch.allclose(images, reference, atol=1e-4), (images - reference).abs().max()
+    other = ours(**{**KW, "guidance_scale": 1.0}, eta=0.0, generator=torch.Generator().manual_seed(0)).images
+    assert (other - images).abs().max() > 1e-3  # the guidance embedding is conditioning, not ignored
+
+
+def test_eta_1_is_the_engines_base_process_and_zero_control_pays_no_kl(tmp_path):
+    zero = SBFluxPipeline.from_finetuned(_adapter(tmp_path, scale=0))
+    out = zero(**KW, eta=1.0, return_kl=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.kl, torch.zeros_like(out.kl)) and out.kl.shape == (2, 4)
+    fam = family_of(tiny_flux_pipeline())
+    g = torch.Generator().manual_seed(0)
+    base = fam.denoiser(fam.module, fam.encode(PROMPTS, 2, 3.5))
+    x = fam.start_noise(fam.latent_shape(2, 32, 32), g, "cpu")
+    with torch.no_grad():
+        engine = fam.decode(rollout(base, base, fam.schedule(4, 1.0, "posterior", (32, 32)), x, window=0, generator=g).x)
+    assert torch.allclose(out.images, engine, atol=1e-5)
+
+
+def test_schnell_without_guidance_embedding_samples_too(tmp_path):
+    folder = _adapter(tmp_path, guidance=False)
+    stock = tiny_flux_pipeline(guidance=False)
+    stock.load_lora_weights(folder)
+    reference = stock(**KW, generator=torch.Generator().manual_seed(0)).images
+    ours = SBFluxPipeline.from_finetuned(folder, base=tiny_flux_pipeline(guidance=False))
+    assert torch.allclose(ours(**KW, eta=0.0, generator=torch.Generator().manual_seed(0)).images, reference, atol=1e-4)
+
+
+def test_two_training_steps_write_an_adapter_the_stock_pipeline_loads_and_that_changes_its_images(tmp_path):
+    from sb_finetune.trainer import train
+
+    result = train(load_config(None, [f"output.dir={tmp_path}", "model.pretrained=tiny:flux", "sampler.steps=4",
+                                      "sampler.guidance_scale=3.5", "optim.steps=2", "optim.lr=1e-2", "optim.batch_size=2",
+                                      "objective.alpha=0.1", "logging.tracker=none"]))
+    assert result["steps"] == 2 and result["skipped"] == 0
+    assert json.loads((tmp_path / "sb_finetune.json").read_text())["family"] == "flux"
+    assert type(load_finetuned(str(tmp_path))) is SBFluxPipeline
+    stock = tiny_flux_pipeline()
+    before = stock(**KW, generator=torch.Generator().manual_seed(0)).images
+    stock.load_lora_weights(str(tmp_path))
+    after = stock(**KW, generator=torch.Generator().manual_seed(0)).images
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_two_processes_train_flux_to_identical_weights(tmp_path):
+    from safetensors.torch import load_file
+    from test_trainer import _launch_two_ranks
+
+    _launch_two_ranks(tmp_path, "model.pretrained=tiny:flux", "sampler.steps=4", "sampler.guidance_scale=3.5",
+                      "optim.steps=2", "optim.lr=1e-2")
+    r0, r1 = (load_file(tmp_path / f"rank{i}_of_2.safetensors") for i in (0, 1))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(v.abs().sum() > 0 for k, v in r0.items() if "lora.up" in k)  # moved off the zero init of B
+
+
+def test_sd35_shape_eta_0_is_the_stock_pipeline_and_a_trained_adapter_loads_there(tmp_path):
+    """SD3.5's transformer (RMS qk-norm, a dual-attention block) through the SD3 family: the stock
+    StableDiffusion3Pipeline's images at eta = 0, and a 2-step run's adapter changes them."""
+    from sb_finetune.trainer import train
+
+    kw = {"prompt": PROMPTS, "num_inference_steps": 4, "output_type": "pt", "guidance_scale": 1.0}
+    stock = TINY_PIPELINES["sd35"]()
+    assert stock.transformer.config.qk_norm == "rms_norm" and list(stock.transformer.config.dual_attention_layers) == [0]
+    before = stock(**kw, generator=torch.Generator().manual_seed(0)).images
+    result = train(load_config(None, [f"output.dir={tmp_path}", "model.pretrained=tiny:sd35", "sampler.steps=4",
+                                      "optim.steps=2", "optim.lr=1e-2", "optim.batch_size=2", "objective.alpha=0.1",
+                                      "logging.tracker=none"]))
+    assert result["steps"] == 2 and json.loads((tmp_path / "sb_finetune.json").read_text())["family"] == "sd3"
+    ours = load_finetuned(str(tmp_path))
+    assert type(ours) is SBStableDiffusion3Pipeline
+    stock.load_lora_weights(str(tmp_path))
+    after = stock(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert (after - before).abs().max() > 1e-4
+    images = ours(**kw, eta=0.0, generator=torch.Generator().manual_seed(0)).images
+    assert torch.allclose(images, after, atol=1e-4), (images - after).abs().max()
