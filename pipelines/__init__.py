@@ -9,7 +9,7 @@ from sb_finetune.families import FAMILIES
 
 from .core import SBFinetunedMixin, SBPipelineOutput
 from .ddpm import SBDDPMPipeline
-from .text_to_image import (SBFluxPipeline, SBStableDiffusion3Pipeline, SBStableDiffusionPipeline,
+from .text_to_image import (SBFluxPipeline, SBQwenImagePipeline, SBStableDiffusion3Pipeline, SBStableDiffusionPipeline,
                             SBStableDiffusionXLPipeline)
 
 # family name → our pipeline class: each family object names its own
@@ -27,5 +27,5 @@ def load_finetuned(path_or_hub_id: str, base=None, **from_pretrained_kwargs):
     return PIPELINES[family].from_finetuned(folder, base=base, **from_pretrained_kwargs)
 
 
-__all__ = ["PIPELINES", "SBDDPMPipeline", "SBFluxPipeline", "SBFinetunedMixin", "SBPipelineOutput", "SBStableDiffusion3Pipeline",
+__all__ = ["PIPELINES", "SBDDPMPipeline", "SBFluxPipeline", "SBQwenImagePipeline", "SBFinetunedMixin", "SBPipelineOutput", "SBStableDiffusion3Pipeline",
            "SBStableDiffusionPipeline", "SBStableDiffusionXLPipeline", "load_finetuned"]

@@ -9,7 +9,8 @@ the fine-tuning targets.
 from __future__ import annotations
 
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline)
 
 from .core import SBFinetunedMixin, check_call_inputs, finish, sample
 
@@ -90,3 +91,12 @@ class SBFluxPipeline(SBTextToImageMixin, FluxPipeline):
     sb_family = "flux"
     sb_default_steps = 28
     sb_default_guidance = 3.5
+
+
+class SBQwenImagePipeline(SBTextToImageMixin, QwenImagePipeline):
+    """Qwen-Image: `guidance_scale` is the stock pipeline's true CFG scale (`true_cfg_scale`), against
+    `negative_prompt` ("" when not given; the stock pipeline skips CFG then); callbacks see the latents unpacked."""
+
+    sb_family = "qwenimage"
+    sb_default_steps = 50
+    sb_default_guidance = 4.0

@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     pretrained: str = "tiny:sd"  # hub id, local diffusers folder, or tiny:<sd|sdxl|sd3|ddpm> from the kit
-    family: str = "auto"  # auto | sd | sdxl | sd3 | flux | unet2d
+    family: str = "auto"  # auto | sd | sdxl | sd3 | flux | qwenimage | unet2d
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. fp16 weight files on the hub
     dtype: str = "float32"  # frozen weights: float32 | float16 | bfloat16
@@ -128,7 +128,7 @@ class Config:
 
 
 _CHOICES = {
-    "model.family": ("auto", "sd", "sdxl", "sd3", "flux", "unet2d"),  # sb_finetune.families.FAMILIES
+    "model.family": ("auto", "sd", "sdxl", "sd3", "flux", "qwenimage", "unet2d"),  # sb_finetune.families.FAMILIES
     "model.dtype": ("float32", "float16", "bfloat16"),
     "sampler.flow_method": ("posterior", "euler_maruyama"),
     "objective.estimator": ("pathwise", "adjoint", "weighted", "policy_gradient"),

@@ -222,6 +222,69 @@ def tiny_flux_pipeline(seed: int = 0, guidance: bool = True):
     return pipe
 
 
+QWEN_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+                 "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+                 "<|im_start|>assistant\n")  # QwenImagePipeline's prompt template
+
+
+def qwen_tokenizer():
+    """A Qwen2 tokenizer (byte-level BPE, its chat specials), built offline: the 256 bytes, plus whole-word pieces for
+    the words of Qwen-Image's prompt template, so the template's system part is 34 tokens as with the hub's 151k-piece
+    tokenizer (the stock pipeline drops exactly those 34 from the text states)."""
+    from open_clip.tokenizer import bytes_to_unicode
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    merges = []
+    parts = QWEN_TEMPLATE.replace("<|im_start|>", "{}").replace("<|im_end|>", "{}").split("{}")  # as the specials cut it
+    for word, _ in (piece for part in parts for piece in split.pre_tokenize_str(part)):
+        for i in range(1, len(word)):  # merge the word left to right, one byte at a time
+            if word[: i + 1] not in vocab:
+                merges.append((word[:i], word[i]))
+                vocab[word[: i + 1]] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = split
+    tok.decoder = decoders.ByteLevel()
+    return Qwen2TokenizerFast(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                              pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def tiny_qwen25vl(seed: int = 0, vocab_size: int = 512):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, bos_token_id=0, eos_token_id=1)
+    vision = dict(depth=1, hidden_size=TEXT_HIDDEN, intermediate_size=37, num_heads=4, out_hidden_size=TEXT_HIDDEN,
+                  fullatt_block_indexes=[0])
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=vocab_size, bos_token_id=0, eos_token_id=1)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwenimage_pipeline(seed: int = 0):
+    """A tiny Qwen-Image pipeline: a Qwen2.5-VL text encoder, the video VAE (one frame, per-channel mean/std), packed
+    2×2 latents, the dynamic shift; 32×32 images (16×16 latents, 8×8 tokens)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    tokenizer = qwen_tokenizer()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
+                                 temperal_downsample=[False], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                 latents_std=[1.5, 0.8, 1.2, 1.0]).eval()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
+                                              num_attention_heads=2, joint_attention_dim=TEXT_HIDDEN, axes_dims_rope=(4, 6, 6)).eval()
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
+                                                  base_shift=0.5, max_shift=0.9),
+        vae=vae, text_encoder=tiny_qwen25vl(seed + 2, len(tokenizer)), tokenizer=tokenizer, transformer=transformer)
+    pipe.default_sample_size = LATENT_SIZE  # × vae_scale_factor 2: 32-pixel images
+    return pipe
+
+
 def tiny_unet2d(seed: int = 0, sample_size: int = LATENT_SIZE, channels: int = 3):
     from diffusers import UNet2DModel
 
@@ -270,6 +333,7 @@ TINY_PIPELINES = {
     "sd3": tiny_sd3_pipeline,
     "sd35": tiny_sd35_pipeline,
     "flux": tiny_flux_pipeline,
+    "qwenimage": tiny_qwenimage_pipeline,
     "ddpm": tiny_ddpm_pipeline,
 }
 

@@ -13,7 +13,8 @@ import torch
 from sb_finetune.config import load_config
 from sb_finetune.control import add_lora_control, save_lora_control
 from sb_finetune.families import FAMILIES, family_of
-from sb_finetune.pipelines import PIPELINES, SBFluxPipeline, SBStableDiffusion3Pipeline, load_finetuned
+from sb_finetune.pipelines import (PIPELINES, SBFluxPipeline, SBQwenImagePipeline, SBStableDiffusion3Pipeline,
+                                   load_finetuned)
 from sb_finetune.rollout import rollout
 from sb_finetune.testing import TINY_PIPELINES, tiny_flux_pipeline
 
@@ -23,8 +24,8 @@ PROMPTS = ["a red cube", "a blue sphere"]
 KW = {"prompt": PROMPTS, "num_inference_steps": 4, "height": 32, "width": 32, "guidance_scale": 3.5, "output_type": "pt"}
 
 
-def _adapter(tmp_path, scale=0.05, guidance=True):
-    pipe = tiny_flux_pipeline(guidance=guidance)
+def _adapter(tmp_path, scale=0.05, guidance=True, kit="flux"):
+    pipe = tiny_flux_pipeline(guidance=guidance) if kit == "flux" else TINY_PIPELINES[kit]()
     fam = family_of(pipe)
     add_lora_control(fam.module, rank=4, lora_alpha=8, init=True if scale == 0 else "gaussian")
     g = torch.Generator().manual_seed(1)
@@ -33,17 +34,23 @@ def _adapter(tmp_path, scale=0.05, guidance=True):
             if "lora_B" in name and scale:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     folder = tmp_path / "adapter"
-    save_lora_control(pipe, fam.module, str(folder), {"base_model": "tiny:flux", "family": "flux",
+    save_lora_control(pipe, fam.module, str(folder), {"base_model": f"tiny:{kit}", "family": fam.name,
                                                       "sampler": {"steps": 4, "eta": 1.0}, "alpha": 0.1})
     return str(folder)
 
 
 @pytest.mark.parametrize("kit,name", [("sd", "sd"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("sd35", "sd3"), ("flux", "flux"),
-                                      ("ddpm", "unet2d")])
+                                      ("qwenimage", "qwenimage"), ("ddpm", "unet2d")])
 def test_each_kit_pipeline_picks_its_family_and_our_pipeline_class(kit, name):
     fam = family_of(TINY_PIPELINES[kit]())
     assert type(fam) is FAMILIES[name] and PIPELINES[name] is fam.pipeline_class()
     assert fam.pipeline_class().sb_family == name
+
+
+def test_the_config_offers_every_family():
+    from sb_finetune.config import _CHOICES
+
+    assert set(_CHOICES["model.family"]) == {"auto", *FAMILIES}
 
 
 def test_nothing_outside_the_family_files_switches_on_a_family_name():
@@ -81,11 +88,12 @@ def test_eta_0_is_the_stock_flux_pipeline_with_the_adapter(tmp_path):
     assert (other - images).abs().max() > 1e-3  # the guidance embedding is conditioning, not ignored
 
 
-def test_eta_1_is_the_engines_base_process_and_zero_control_pays_no_kl(tmp_path):
-    zero = SBFluxPipeline.from_finetuned(_adapter(tmp_path, scale=0))
+@pytest.mark.parametrize("kit", ["flux", "qwenimage"])
+def test_eta_1_is_the_engines_base_process_and_zero_control_pays_no_kl(tmp_path, kit):
+    zero = PIPELINES[kit].from_finetuned(_adapter(tmp_path, scale=0, kit=kit))
     out = zero(**KW, eta=1.0, return_kl=True, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out.kl, torch.zeros_like(out.kl)) and out.kl.shape == (2, 4)
-    fam = family_of(tiny_flux_pipeline())
+    fam = family_of(TINY_PIPELINES[kit]())
     g = torch.Generator().manual_seed(0)
     base = fam.denoiser(fam.module, fam.encode(PROMPTS, 2, 3.5))
     x = fam.start_noise(fam.latent_shape(2, 32, 32), g, "cpu")
@@ -150,3 +158,35 @@ def test_sd35_shape_eta_0_is_the_stock_pipeline_and_a_trained_adapter_loads_ther
     assert (after - before).abs().max() > 1e-4
     images = ours(**kw, eta=0.0, generator=torch.Generator().manual_seed(0)).images
     assert torch.allclose(images, after, atol=1e-4), (images - after).abs().max()
+
+
+def test_qwenimage_eta_0_is_the_stock_pipeline_without_and_with_its_true_cfg(tmp_path):
+    """Qwen-Image through its family: the stock pipeline's images at eta = 0, without CFG and with its "true CFG" (the
+    negative prompt's own call, the mix rescaled per token to the conditional prediction's norm)."""
+    folder = _adapter(tmp_path, kit="qwenimage")
+    stock = TINY_PIPELINES["qwenimage"]()
+    stock.load_lora_weights(folder)
+    ours = SBQwenImagePipeline.from_finetuned(folder)
+    kw = {"prompt": PROMPTS, "num_inference_steps": 4, "height": 32, "width": 32, "output_type": "pt"}
+    plain = stock(**kw, generator=torch.Generator().manual_seed(0)).images  # no negative prompt: no CFG
+    mine = ours(**kw, guidance_scale=1.0, eta=0.0, generator=torch.Generator().manual_seed(0)).images
+    assert mine.shape == (2, 3, 32, 32) and torch.allclose(mine, plain, atol=1e-4), (mine - plain).abs().max()
+    guided = stock(**kw, negative_prompt=["", ""], true_cfg_scale=4.0, generator=torch.Generator().manual_seed(0)).images
+    mine = ours(**kw, guidance_scale=4.0, eta=0.0, generator=torch.Generator().manual_seed(0)).images
+    assert torch.allclose(mine, guided, atol=1e-4), (mine - guided).abs().max()
+    assert (guided - plain).abs().max() > 1e-3
+
+
+def test_qwenimage_trains_and_its_adapter_loads_in_the_stock_pipeline(tmp_path):
+    from sb_finetune.trainer import train
+
+    result = train(load_config(None, [f"output.dir={tmp_path}", "model.pretrained=tiny:qwenimage", "sampler.steps=4",
+                                      "sampler.guidance_scale=4.0", "optim.steps=2", "optim.lr=1e-2", "optim.batch_size=2",
+                                      "objective.alpha=0.1", "logging.tracker=none"]))
+    assert result["steps"] == 2 and json.loads((tmp_path / "sb_finetune.json").read_text())["family"] == "qwenimage"
+    assert type(load_finetuned(str(tmp_path))) is SBQwenImagePipeline
+    stock = TINY_PIPELINES["qwenimage"]()
+    kw = {"prompt": PROMPTS, "num_inference_steps": 4, "height": 32, "width": 32, "output_type": "pt"}
+    before = stock(**kw, generator=torch.Generator().manual_seed(0)).images
+    stock.load_lora_weights(str(tmp_path))
+    assert (stock(**kw, generator=torch.Generator().manual_seed(0)).images - before).abs().max() > 1e-4

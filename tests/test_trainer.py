@@ -270,7 +270,7 @@ def test_a_nan_on_one_process_skips_the_step_on_every_process(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["sd15_aesthetic", "sd15_hps_pickscore", "sdxl_aesthetic", "sd3_pickscore",
-                                  "flux_dev_pickscore", "flux_schnell_pickscore"])
+                                  "flux_dev_pickscore", "flux_schnell_pickscore", "qwenimage_pickscore"])
 def test_gpu_configs_are_valid_and_say_what_to_download_when_offline(name, tmp_path):
     cfg = load_config(str(ROOT / f"configs/{name}.yaml"))
     assert cfg.model.pretrained and not cfg.model.pretrained.startswith("tiny:") and cfg.objective.checkpointing

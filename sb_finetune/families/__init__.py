@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from .base import Conditioning, Family
 from .flux import Flux
+from .qwenimage import QwenImage
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 from .unet2d import UNet2D
 
 # detection order: the most specific first (an SDXL pipeline also has SD's parts)
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (Flux, StableDiffusionXL, StableDiffusion3, StableDiffusion, UNet2D)}
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (Flux, QwenImage, StableDiffusionXL, StableDiffusion3, StableDiffusion, UNet2D)}
 
 
 def family_of(pipe, name: str = "auto") -> Family:

@@ -37,13 +37,15 @@ class Family:
     pipeline: ClassVar[str] = ""  # our pipeline class, by name in sb_finetune.pipelines (imported when asked)
     conditional: ClassVar[bool] = True  # takes prompts
     adapter_prefix: ClassVar[str] = "unet"  # the LoRA file's key prefix (diffusers' loader: unet. or transformer.)
+    network: ClassVar[str] = ""  # the denoiser's class name, where that alone tells the family
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
 
     @classmethod
     def matches(cls, pipe) -> bool:
-        raise NotImplementedError
+        """Whether `pipe` is of this family (by default: its denoiser is a `network`)."""
+        return bool(cls.network) and type(getattr(pipe, cls.adapter_prefix, None)).__name__ == cls.network
 
     # ---- the model
     @property

@@ -20,11 +20,8 @@ class Flux(Family):
     name = "flux"
     pipeline = "SBFluxPipeline"
     adapter_prefix = "transformer"
+    network = "FluxTransformer2DModel"
     max_sequence_length = 512  # T5 tokens, as the stock pipeline
-
-    @classmethod
-    def matches(cls, pipe) -> bool:
-        return type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel"
 
     @torch.no_grad()
     def encode(self, prompts, batch, guidance_scale=1.0, negative_prompt=None, size=None) -> Conditioning:
@@ -40,14 +37,13 @@ class Flux(Family):
         return Conditioning(c, None, 1.0, len(prompts))
 
     def call(self, module, x, t, c):
-        b, ch, h, w = x.shape
-        tokens = x.view(b, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), ch * 4)
+        b, _, h, w = x.shape
         img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
         txt_ids = torch.zeros(c["encoder_hidden_states"].shape[1], 3, device=x.device, dtype=x.dtype)
-        out = module(hidden_states=tokens, timestep=t.to(x.dtype) / 1000, guidance=c.get("guidance"),
+        out = module(hidden_states=pack(x), timestep=t.to(x.dtype) / 1000, guidance=c.get("guidance"),
                      pooled_projections=c["pooled_projections"], encoder_hidden_states=c["encoder_hidden_states"],
                      txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        return out.view(b, h // 2, w // 2, ch, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, h, w)
+        return unpack(out, x.shape)
 
     def default_size(self) -> tuple[int, int]:
         side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
@@ -68,15 +64,32 @@ class Flux(Family):
         return (image / 2 + 0.5).clamp(0, 1)
 
     def schedule(self, steps, eta=1.0, flow_method="posterior", size=None):
-        """The stock pipeline's grid: σ from 1 to 1/N, shifted by mu for the image's token count."""
         height, width = size or self.default_size()
         tokens = (height // self.pipe.vae_scale_factor // 2) * (width // self.pipe.vae_scale_factor // 2)
-        config = self.pipe.scheduler.config
-        kwargs = {"sigmas": np.linspace(1.0, 1 / steps, steps)}
-        if config.get("use_dynamic_shifting", False):
-            kwargs["mu"] = shift_mu(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                                    config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        return flow_schedule(self.pipe.scheduler, steps, eta, flow_method, **kwargs)
+        return token_shifted_schedule(self.pipe.scheduler, steps, eta, flow_method, tokens)
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """Latents [B, C, h, w] → 2×2 tokens [B, h/2 · w/2, 4C], in the order FLUX and Qwen-Image use."""
+    b, ch, h, w = x.shape
+    return x.view(b, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), ch * 4)
+
+
+def unpack(tokens: torch.Tensor, shape) -> torch.Tensor:
+    """`pack`'s inverse, back to `shape` = (B, C, h, w)."""
+    b, ch, h, w = shape
+    return tokens.view(b, h // 2, w // 2, ch, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, h, w)
+
+
+def token_shifted_schedule(scheduler, steps: int, eta: float, flow_method: str, tokens: int):
+    """The grid FLUX's and Qwen-Image's stock pipelines use: σ from 1 to 1/N, shifted by mu for the image's token
+    count where the scheduler shifts dynamically."""
+    config = scheduler.config
+    kwargs = {"sigmas": np.linspace(1.0, 1 / steps, steps)}
+    if config.get("use_dynamic_shifting", False):
+        kwargs["mu"] = shift_mu(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    return flow_schedule(scheduler, steps, eta, flow_method, **kwargs)
 
 
 def shift_mu(tokens: int, base_tokens: int, max_tokens: int, base_shift: float, max_shift: float) -> float:

@@ -13,10 +13,7 @@ class StableDiffusion3(Family):
     name = "sd3"
     pipeline = "SBStableDiffusion3Pipeline"
     adapter_prefix = "transformer"
-
-    @classmethod
-    def matches(cls, pipe) -> bool:
-        return type(getattr(pipe, "transformer", None)).__name__ == "SD3Transformer2DModel"
+    network = "SD3Transformer2DModel"
 
     @torch.no_grad()
     def encode(self, prompts, batch, guidance_scale=1.0, negative_prompt=None, size=None) -> Conditioning:
