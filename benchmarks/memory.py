@@ -21,7 +21,7 @@ import sys
 import time
 
 
-def child(n: int, k: int, ckpt: bool, batch: int, estimator: str = "pathwise") -> dict:
+def child(n: int, k: int, ckpt: bool, batch: int, estimator: str = "pathwise", latent: int = 16) -> dict:
     import torch
 
     from sb_finetune.control import add_lora_control, base_denoiser
@@ -39,7 +39,7 @@ def child(n: int, k: int, ckpt: bool, batch: int, estimator: str = "pathwise") -
     policy = fam.denoiser(unet, cond)
     base = base_denoiser(policy, unet)
     schedule = fam.schedule(n)
-    x = torch.randn(fam.latent_shape(batch))
+    x = torch.randn(fam.latent_shape(batch, 2 * latent, 2 * latent))  # the kit's VAE: 2 pixels a latent
     with torch.no_grad():  # warm-up, so allocator and kernels are set before measuring
         policy(x, schedule.timesteps[0])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -65,10 +65,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=4, metavar=("N", "K", "CKPT", "ESTIMATOR"))
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--latent", type=int, default=16, help="latent side (16: the kit's native; 64: SD-sized memory)")
     args = parser.parse_args()
     if args.child:
         n, k, ckpt = int(args.child[0]), int(args.child[1]), args.child[2] == "1"
-        print(json.dumps(child(n, k, ckpt, args.batch, args.child[3])))
+        print(json.dumps(child(n, k, ckpt, args.batch, args.child[3], args.latent)))
         return
     rows = [("pathwise", n, 5, False) for n in (10, 25, 50, 100)]
     rows += [("pathwise", 50, k, c) for k in (1, 5, 10, 50) for c in (False, True)]

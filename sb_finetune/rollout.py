@@ -127,15 +127,21 @@ def rollout(
     log_ratios: list[Tensor] = []
     trajectory = [x.detach()] if return_trajectory else None
     means: list[Tensor] | None = [] if return_means else None
+    # checkpointing: each model call on its own, so the backward recomputes the policy's and the base's activations
+    # one after the other (peak: one call's), keeping only the states and predictions of the window
+    if checkpoint:
+        wrapped = _checkpointed(policy)
+        window_step = functools.partial(_step, wrapped, wrapped if base is policy else _checkpointed(base))
+    else:
+        window_step = functools.partial(_step, policy, base)
     for k in range(n):
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        step = functools.partial(_step, policy, base, schedule, k, compute_kl=compute_kl)
         if k >= start:
-            x, kl, log_ratio, mean = _checkpoint(step, x, z, use_reentrant=False) if checkpoint else step(x, z)
+            x, kl, log_ratio, mean = window_step(schedule, k, x, z, compute_kl=compute_kl)
         else:  # x is detached: a graph, if any, reaches the policy's parameters only (x held fixed)
             keep_local = local() if local is not None and kl_backward is not None and k_window > 0 else nullcontext()
             with keep_local, torch.set_grad_enabled(kl_backward is not None):
-                x, kl, log_ratio, mean = step(x.detach(), z)
+                x, kl, log_ratio, mean = _step(policy, base, schedule, k, x.detach(), z, compute_kl=compute_kl)
                 if kl.requires_grad:  # deterministic steps carry no KL and no graph
                     kl_backward(kl)
             x, kl = x.detach(), kl.detach()
@@ -149,6 +155,15 @@ def rollout(
         if trajectory is not None:
             trajectory.append(x.detach())
     return Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1), means)
+
+
+def _checkpointed(denoiser: Denoiser) -> Denoiser:
+    """The denoiser under activation checkpointing (non-reentrant): its activations are recomputed in the backward."""
+
+    def call(x: Tensor, t: Tensor) -> Tensor:
+        return _checkpoint(denoiser, x, t, use_reentrant=False)
+
+    return call
 
 
 def path_log_ratio(policy: Denoiser, schedule: Schedule, trajectory: list[Tensor], means: list[Tensor]) -> Tensor:
