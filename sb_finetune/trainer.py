@@ -99,9 +99,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                          f"mean and pays no KL), so training would change nothing: use sampler.steps >= 2 and eta > 0")
     module = fam.module
     params = add_lora_control(module, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
-    for part in ("vae", "text_encoder", "text_encoder_2"):
-        if getattr(pipe, part, None) is not None:
-            getattr(pipe, part).requires_grad_(False)
+    for part in pipe.components.values():  # every frozen network: VAE, text encoders (CLIP, T5, Qwen2.5-VL, …)
+        if isinstance(part, torch.nn.Module) and part is not module:
+            part.requires_grad_(False)
     reward.to(accelerator.device).requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     lr_schedule = _lr_schedule(cfg, optimizer, accelerator.num_processes)
