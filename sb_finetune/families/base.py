@@ -38,6 +38,7 @@ class Family:
     conditional: ClassVar[bool] = True  # takes prompts
     adapter_prefix: ClassVar[str] = "unet"  # the LoRA file's key prefix (diffusers' loader: unet. or transformer.)
     network: ClassVar[str] = ""  # the denoiser's class name, where that alone tells the family
+    vae_shift: ClassVar[bool] = False  # decode adds the VAE's shift_factor (SD3, FLUX), as their stock pipelines do
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
@@ -107,6 +108,8 @@ class Family:
         """Latents → images in [0, 1], [B, 3, H, W], differentiable (the reward's gradient flows back)."""
         vae = self.pipe.vae
         z = latents / vae.config.scaling_factor
+        if self.vae_shift:
+            z = z + (getattr(vae.config, "shift_factor", None) or 0.0)
         image = vae.decode(z.to(vae.dtype)).sample.float()
         return (image / 2 + 0.5).clamp(0, 1)
 

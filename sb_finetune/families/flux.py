@@ -16,11 +16,34 @@ from ..sde import flow_schedule
 from .base import Conditioning, Family
 
 
-class Flux(Family):
+class TokenFamily(Family):
+    """A flow family whose transformer sees the latent as 2×2 tokens (FLUX, Qwen-Image): the image size must fit the
+    tokens, the pipeline's default_sample_size sets the native size, and the σ grid is shifted for the token count."""
+
+    def default_size(self) -> tuple[int, int]:
+        side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return side, side
+
+    def latent_shape(self, batch, height=None, width=None):
+        h0, w0 = self.default_size()
+        height, width = height or h0, width or w0
+        p = self.pipe.vae_scale_factor * 2  # VAE downsampling, then 2×2 tokens
+        if height % p or width % p:
+            raise ValueError(f"height and width must be multiples of {p}, got {height}×{width}")
+        return (batch, self.module.config.in_channels // 4, height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
+
+    def schedule(self, steps, eta=1.0, flow_method="posterior", size=None):
+        height, width = size or self.default_size()
+        tokens = (height // self.pipe.vae_scale_factor // 2) * (width // self.pipe.vae_scale_factor // 2)
+        return token_shifted_schedule(self.pipe.scheduler, steps, eta, flow_method, tokens)
+
+
+class Flux(TokenFamily):
     name = "flux"
     pipeline = "SBFluxPipeline"
     adapter_prefix = "transformer"
     network = "FluxTransformer2DModel"
+    vae_shift = True
     max_sequence_length = 512  # T5 tokens, as the stock pipeline
 
     @torch.no_grad()
@@ -44,29 +67,6 @@ class Flux(Family):
                      pooled_projections=c["pooled_projections"], encoder_hidden_states=c["encoder_hidden_states"],
                      txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         return unpack(out, x.shape)
-
-    def default_size(self) -> tuple[int, int]:
-        side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
-        return side, side
-
-    def latent_shape(self, batch, height=None, width=None):
-        h0, w0 = self.default_size()
-        height, width = height or h0, width or w0
-        p = self.pipe.vae_scale_factor * 2  # VAE downsampling, then 2×2 tokens
-        if height % p or width % p:
-            raise ValueError(f"height and width must be multiples of {p}, got {height}×{width}")
-        return (batch, self.module.config.in_channels // 4, height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
-
-    def decode(self, latents):
-        vae = self.pipe.vae
-        z = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        image = vae.decode(z.to(vae.dtype)).sample.float()
-        return (image / 2 + 0.5).clamp(0, 1)
-
-    def schedule(self, steps, eta=1.0, flow_method="posterior", size=None):
-        height, width = size or self.default_size()
-        tokens = (height // self.pipe.vae_scale_factor // 2) * (width // self.pipe.vae_scale_factor // 2)
-        return token_shifted_schedule(self.pipe.scheduler, steps, eta, flow_method, tokens)
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, Family
-from .flux import pack, token_shifted_schedule, unpack
+from .base import Conditioning
+from .flux import TokenFamily, pack, unpack
 
 
-class QwenImage(Family):
+class QwenImage(TokenFamily):
     name = "qwenimage"
     pipeline = "SBQwenImagePipeline"
     adapter_prefix = "transformer"
@@ -60,18 +60,6 @@ class QwenImage(Family):
 
         return predict
 
-    def latent_shape(self, batch, height=None, width=None):
-        h0, w0 = self.default_size()
-        height, width = height or h0, width or w0
-        p = self.pipe.vae_scale_factor * 2
-        if height % p or width % p:
-            raise ValueError(f"height and width must be multiples of {p}, got {height}×{width}")
-        return (batch, self.module.config.in_channels // 4, height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
-
-    def default_size(self):
-        side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
-        return side, side
-
     def decode(self, latents):
         vae = self.pipe.vae
         view = (1, vae.config.z_dim, 1, 1, 1)
@@ -80,8 +68,3 @@ class QwenImage(Family):
         z = latents.unsqueeze(2) * std + mean  # one frame
         image = vae.decode(z.to(vae.dtype)).sample[:, :, 0].float()
         return (image / 2 + 0.5).clamp(0, 1)
-
-    def schedule(self, steps, eta=1.0, flow_method="posterior", size=None):
-        height, width = size or self.default_size()
-        tokens = (height // self.pipe.vae_scale_factor // 2) * (width // self.pipe.vae_scale_factor // 2)
-        return token_shifted_schedule(self.pipe.scheduler, steps, eta, flow_method, tokens)

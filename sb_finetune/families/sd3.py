@@ -14,6 +14,7 @@ class StableDiffusion3(Family):
     pipeline = "SBStableDiffusion3Pipeline"
     adapter_prefix = "transformer"
     network = "SD3Transformer2DModel"
+    vae_shift = True
 
     @torch.no_grad()
     def encode(self, prompts, batch, guidance_scale=1.0, negative_prompt=None, size=None) -> Conditioning:
@@ -28,9 +29,3 @@ class StableDiffusion3(Family):
     def call(self, module, x, t, c):
         return module(hidden_states=x, timestep=t, encoder_hidden_states=c["encoder_hidden_states"],
                       pooled_projections=c["pooled_projections"]).sample
-
-    def decode(self, latents):
-        vae = self.pipe.vae
-        z = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        image = vae.decode(z.to(vae.dtype)).sample.float()
-        return (image / 2 + 0.5).clamp(0, 1)
