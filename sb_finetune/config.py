@@ -54,7 +54,8 @@ class ObjectiveConfig:
     window_min: int = 1  # gradient window K ~ uniform[window_min, window_max] controlled steps
     window_max: Optional[int] = None  # None = all steps (unbiased); window_min == window_max = fixed K
     kl_grad: str = "window"  # window | all: also the KL terms before the window (local backward)
-    checkpointing: bool = False  # per-step activation checkpointing inside the window
+    kl_log_steps: Optional[int] = 2  # kl_grad=window: steps before the window whose KL is logged (stratified, unbiased); None = all
+    checkpointing: Optional[bool] = None  # activation checkpointing per model call in the window; None = auto (large latents)
 
 
 @dataclass
@@ -217,7 +218,9 @@ def _validate(cfg: Config) -> None:
     for key in ("min_ess", "weighted_target"):
         if o.estimator != "weighted" and getattr(o, key) != getattr(ObjectiveConfig(), key):
             raise ConfigError(f"config key 'objective.{key}': only for objective.estimator=weighted (got {o.estimator!r})")
-    ignored = [k for k in ("window_min", "window_max", "kl_grad") if getattr(o, k) != getattr(ObjectiveConfig(), k)]
+    if o.kl_log_steps is not None and o.kl_log_steps < 1:
+        raise ConfigError(f"config key 'objective.kl_log_steps': must be >= 1 (or null for every step), got {o.kl_log_steps}")
+    ignored = [k for k in ("window_min", "window_max", "kl_grad", "kl_log_steps") if getattr(o, k) != getattr(ObjectiveConfig(), k)]
     if o.estimator != "pathwise" and ignored:
         raise ConfigError(f"config keys {', '.join(f'objective.{k}' for k in ignored)}: only for the pathwise estimator; "
                           f"objective.estimator={o.estimator} draws its own steps across the chain")

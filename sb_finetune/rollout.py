@@ -40,6 +40,7 @@ class Rollout:
     # and alpha·Σ log_ratio − R is constant along paths at the optimum (alpha·log Z), so it estimates the objective
     # with far less variance than the KL. Not a loss (its gradient is not the KL's).
     means: list[Tensor] | None = None  # μ_k of the transition each step took (the policy's where controlled), detached
+    kl_steps: int = 0  # controlled steps whose KL was computed; fewer than all when `kl_sample` subsampled them
 
 
 def draw_window(spec: WindowSpec, num_steps: int, generator: torch.Generator | None = None) -> int:
@@ -98,6 +99,7 @@ def rollout(
     return_means: bool = False,
     on_step: Callable[[int, Tensor], Tensor | None] | None = None,
     compute_kl: bool = True,
+    kl_sample: int | None = None,
 ) -> Rollout:
     """Run the N-step controlled chain from the start noise `x`.
 
@@ -117,11 +119,22 @@ def rollout(
     compute_kl: False skips the base's prediction on controlled steps (sampling only; KL returned as 0).
         Uncontrolled steps always use the base, so the samples are the same either way.
     return_trajectory / return_means: keep the states x_0 … x_N / the means μ_k each step took (detached).
+    kl_sample: without `kl_backward`, the KL before the window carries no gradient and serves only the log. An int m
+        calls the base on m of those n_before steps only: the steps split into m runs in order, one step drawn from
+        each (from `generator`, after the chain, so its noise is the same either way), its KL and log-ratio scaled by
+        its run's length (stratified Horvitz–Thompson), so Σ_k KL_k stays an unbiased estimate of the path KL for m
+        base calls instead of n_before. None: every step (exact).
     """
     n = schedule.num_steps
     controlled = [k for k in range(n) if bool(schedule.controlled[k])]
     k_window = draw_window(window, len(controlled), generator)
     start = controlled[-k_window] if k_window > 0 else n
+    if kl_sample is not None and kl_sample < 1:
+        raise ValueError(f"kl_sample={kl_sample} must be >= 1 (or None: every step)")
+    # the KL before the window, when only logged, may be left to a random subset of its steps, scored after the loop
+    n_before = len([k for k in controlled if k < start])
+    defer = kl_sample is not None and kl_backward is None and compute_kl and policy is not base and kl_sample < n_before
+    deferred: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # k → (x_k, μ_k, z_k) of the steps not yet scored
     x = x.float()
     kls: list[Tensor] = []
     log_ratios: list[Tensor] = []
@@ -141,10 +154,13 @@ def rollout(
         else:  # x is detached: a graph, if any, reaches the policy's parameters only (x held fixed)
             keep_local = local() if local is not None and kl_backward is not None and k_window > 0 else nullcontext()
             with keep_local, torch.set_grad_enabled(kl_backward is not None):
-                x, kl, log_ratio, mean = _step(policy, base, schedule, k, x.detach(), z, compute_kl=compute_kl)
+                x_k = x.detach()
+                x, kl, log_ratio, mean = _step(policy, base, schedule, k, x_k, z, compute_kl=compute_kl and not defer)
                 if kl.requires_grad:  # deterministic steps carry no KL and no graph
                     kl_backward(kl)
             x, kl = x.detach(), kl.detach()
+            if defer and bool(schedule.controlled[k]):
+                deferred[k] = (x_k, mean.detach(), z)
         kls.append(kl)
         log_ratios.append(log_ratio)
         if means is not None:
@@ -154,7 +170,19 @@ def rollout(
             x = x if replaced is None else replaced
         if trajectory is not None:
             trajectory.append(x.detach())
-    return Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1), means)
+    if defer:  # stratified Horvitz–Thompson: the n_before steps in m runs, one step of each, weighted by its run's size
+        steps = sorted(deferred)
+        device = generator.device if generator is not None else "cpu"
+        with torch.no_grad():
+            for run in torch.tensor_split(torch.arange(n_before), kl_sample):
+                k = steps[int(run[torch.randint(len(run), (1,), generator=generator, device=device).cpu()])]
+                x_k, mean, z = deferred[k]
+                std = float(schedule.std[k])
+                mean_base = transition_mean(schedule, k, x_k, base(x_k, schedule.timesteps[k]))
+                kl = step_kl(mean, mean_base, std)
+                kls[k], log_ratios[k] = len(run) * kl, len(run) * step_log_ratio(kl, mean, mean_base, z, std)
+    kl_steps = 0 if not compute_kl or policy is base else len(controlled) - n_before + (kl_sample if defer else n_before)
+    return Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1), means, kl_steps)
 
 
 def _checkpointed(denoiser: Denoiser) -> Denoiser:

@@ -23,6 +23,9 @@ from .rewards import non_finite_message
 
 
 MAX_BAD_REWARD_STEPS = 3  # a reward that is non-finite this often in a row is broken, not unlucky
+# objective.checkpointing=null turns checkpointing on from this many latent elements a sample (4·32·32: SD at 256 px):
+# there a window step's activations outweigh the recompute (benchmarks/side_by_side.py); tiny kits and digits stay off
+AUTO_CHECKPOINT_LATENT = 4096
 
 
 class Counters:
@@ -45,6 +48,11 @@ def build_reward(cfg: Config):
         raise ValueError(f"reward '{reward.name}' is not differentiable: objective.estimator={cfg.objective.estimator} "
                          f"backpropagates through it; use objective.estimator=weighted or policy_gradient")
     return reward
+
+
+def auto_checkpointing(fam, size: tuple[int, int] | None) -> bool:
+    """`objective.checkpointing=null`: on where a window step's activations, not the weights, decide the memory."""
+    return math.prod(fam.latent_shape(1, *(size or ()))) >= AUTO_CHECKPOINT_LATENT
 
 
 def score(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -82,6 +90,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     if accelerator.device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal floats slow CPU math several-fold as small weights decay
         torch.set_num_threads(_cpu_threads())
+        _release_freed_activations()
     reward = build_reward(cfg)  # fails fast on an unknown reward, before the model loads
     prompts = load_prompts(cfg.prompts)
     if cfg.objective.estimator not in DIFFERENTIABLE_ONLY and cfg.optim.group_size is None and len(set(prompts)) > 1:
@@ -97,6 +106,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         raise ValueError(f"sampler.steps={cfg.sampler.steps}, sampler.eta={cfg.sampler.eta}: no step of this chain is "
                          f"controlled ({int((schedule.std > 0).sum())} stochastic; a deterministic step takes the base's "
                          f"mean and pays no KL), so training would change nothing: use sampler.steps >= 2 and eta > 0")
+    if cfg.objective.checkpointing is None:  # auto; the resolved value is what config.yaml keeps
+        cfg.objective.checkpointing = auto_checkpointing(fam, size)
     module = fam.module
     params = add_lora_control(module, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
     for part in pipe.components.values():  # every frozen network: VAE, text encoders (CLIP, T5, Qwen2.5-VL, …)
@@ -139,6 +150,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     b = cfg.optim.batch_size
     bar = tqdm(total=cfg.optim.steps, initial=counters.step, disable=not accelerator.is_main_process, desc="train")
     bad_reward_streak = 0
+    setup_mem = _peak_mem_mb(accelerator.device)  # what model and setup hold: a step's own memory is peak − this
     while counters.step < cfg.optim.steps:
         t0, lr = time.time(), optimizer.param_groups[0]["lr"]  # the rate this step uses
         all_finite = True  # one non-finite micro-step voids the whole accumulated step
@@ -185,7 +197,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                                f"checkpoints already saved in {out_dir} are kept)")
         counters.step += 1
         logs = {**est.log_dict(), "grad_norm": float(grad_norm), "lr": lr, "skipped": counters.skipped,
-                "step_time": time.time() - t0}
+                "step_time": time.time() - t0, "peak_mem_mb": _peak_mem_mb(accelerator.device), "setup_mem_mb": setup_mem}
         if hasattr(reward, "last_terms"):
             logs.update({f"reward/{k}": v for k, v in reward.last_terms.items()})
         history.append(logs)
@@ -272,6 +284,31 @@ def _peak_rss_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024), 1)  # bytes on macOS, KB elsewhere
+
+
+def _peak_mem_mb(device: torch.device) -> float | None:
+    """Peak memory so far, MB: the accelerator's allocated tensors on a GPU, the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return _peak_rss_mb()
+
+
+def _release_freed_activations() -> None:
+    """glibc's malloc raises its mmap threshold to the size of every large block freed, after which a training step's
+    activations come from heap arenas that keep them when freed: the resident set then grows with each step of the
+    gradient window, checkpointed or not (latent 64, K = 20: 2.0 GB over the process instead of 0.25 GB). A fixed
+    threshold of 1 MiB maps blocks from that size on and unmaps them when freed; smaller ones, where a step of a small
+    model lives, stay on the fast heap. Nothing on other C libraries."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (malloc.h)
+    except OSError:
+        pass
 
 
 def _cpu_threads() -> int:

@@ -291,6 +291,39 @@ def test_local_context_wraps_each_outside_window_backward_when_a_window_follows(
     assert state["forward_inside"] == [bool(k_window)] * before + [False] * (len(state["forward_inside"]) - before)
 
 
+def test_kl_log_steps_scores_a_few_steps_before_the_window_unbiased_and_leaves_the_gradient_alone():
+    """kl_sample=m: before the window (KL only logged) the base scores m steps, one per run of steps, reweighted by the
+    run's length; the chain's noise, the window's KL and the gradient are the ones of the exact rollout."""
+    s = _vp_setup()  # 11 controlled steps and a deterministic last one
+    control = PerStepControl(s, 2)  # policy − base = u_k: each step's KL is the same at every state
+    calls = []
+
+    def base(x, t):
+        calls.append(float(t))
+        return toy_denoiser(x, t)
+
+    x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    exact = rollout(control, base, s, x0, window=3, generator=torch.Generator().manual_seed(1))
+    assert len(calls) == 12 and exact.kl_steps == 11
+    soc_loss(exact.x.sum(1), exact.kl, alpha=1.0).loss.backward()
+    grad, control.u.grad = control.u.grad.clone(), None
+    calls.clear()
+    first = rollout(control, base, s, x0, window=3, generator=torch.Generator().manual_seed(1), kl_sample=2)
+    assert len(calls) == 3 + 2 + 1 and first.kl_steps == 5  # window, the two sampled, the uncontrolled last step
+    torch.testing.assert_close(first.x, exact.x, rtol=0, atol=0)  # same noise, same chain
+    torch.testing.assert_close(first.kl[:, 8:], exact.kl[:, 8:], rtol=0, atol=0)
+    assert ((first.kl[:, :8] != 0).sum(1) == 2).all()  # one step of 0–3 and one of 4–7, each counted 4 times
+    assert ((first.kl[:, :4] != 0).sum(1) == 1).all() and ((first.log_ratio[:, :8] != 0).sum(1) == 2).all()
+    soc_loss(first.x.sum(1), first.kl, alpha=1.0).loss.backward()
+    torch.testing.assert_close(control.u.grad, grad, rtol=0, atol=0)
+    draws = torch.stack([rollout(control, base, s, x0, window=3, generator=torch.Generator().manual_seed(i), kl_sample=2)
+                         .kl.sum(1) for i in range(400)])
+    torch.testing.assert_close(draws.mean(0).detach(), exact.kl.sum(1).detach(), rtol=0.03, atol=0)
+    assert draws.std(0).max() > 0.05 * exact.kl.sum(1).min()  # estimates, not the exact sum every time
+    with pytest.raises(ValueError, match="kl_sample=0"):
+        rollout(control, base, s, x0, window=3, kl_sample=0)
+
+
 def test_window_draws_cover_the_range():
     g = torch.Generator().manual_seed(0)
     draws = {draw_window(None, 10, g) for _ in range(400)}

@@ -41,9 +41,11 @@ def test_smoke_training_writes_a_diffusers_lora(tmp_path):
     assert any(v.abs().sum() > 0 for v in lora_b)  # trained: B moved off its zero init
     meta = json.loads((tmp_path / "sb_finetune.json").read_text())
     assert meta["family"] == "sd" and meta["base_model"] == "tiny:sd" and meta["alpha"] == 0.1
-    assert (tmp_path / "config.yaml").exists()
+    saved = load_config(str(tmp_path / "config.yaml"))
+    assert saved.objective.checkpointing is False  # auto, resolved: the tiny kit's latent is small
     for row in result["history"]:
         assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if k != "grad_norm")
+        assert row["peak_mem_mb"] >= row["setup_mem_mb"] > 0 and 1 <= row["kl_steps"] <= 20
 
     # the stock diffusers route loads it and changes the images
     from sb_finetune.testing import tiny_sd_pipeline
@@ -278,6 +280,39 @@ def test_gpu_configs_are_valid_and_say_what_to_download_when_offline(name, tmp_p
     r = _run_train("--config", f"configs/{name}.yaml", f"output.dir={tmp_path}")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-800:]
     assert "huggingface-cli download" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-800:]
+
+
+def test_checkpointing_turns_itself_on_for_large_latents():
+    from sb_finetune.families import family_of
+    from sb_finetune.testing import tiny_sd_pipeline
+    from sb_finetune.trainer import AUTO_CHECKPOINT_LATENT, auto_checkpointing
+
+    fam = family_of(tiny_sd_pipeline(), "auto")
+    assert not auto_checkpointing(fam, None)  # the kit's own 32 px: 4·16·16 latent elements
+    side = 2 * math.isqrt(AUTO_CHECKPOINT_LATENT // 4)  # 2 pixels a latent
+    assert auto_checkpointing(fam, (side, side)) and not auto_checkpointing(fam, (side - 2, side - 2))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc")
+def test_freed_activations_go_back_to_the_system():
+    """glibc keeps a large block freed twice (its threshold rises to the first one's size), so a training step's
+    resident set grew with every step of the window; the trainer fixes the threshold."""
+    script = '''
+import sys, torch
+from sb_finetune.trainer import _release_freed_activations
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+if sys.argv[1] == "fixed":
+    _release_freed_activations()
+a = torch.ones(2 << 20); del a  # 8 MB, freed: glibc alone would raise its mmap threshold to this size
+b = torch.ones(2 << 20)
+held = rss(); del b
+print(held - rss())
+'''
+    returned = float(subprocess.run([sys.executable, "-c", script, "fixed"], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert returned >= 7.5  # the 8 MB went back
 
 
 def test_cpu_threads_share_the_physical_cores_among_local_processes(monkeypatch):

@@ -119,7 +119,8 @@ def make_estimator(objective) -> Estimator:
     if objective.estimator == "pathwise":
         from .pathwise import Pathwise
 
-        return Pathwise((objective.window_min, objective.window_max or 10**9), objective.checkpointing, objective.kl_grad)
+        return Pathwise((objective.window_min, objective.window_max or 10**9), bool(objective.checkpointing), objective.kl_grad,
+                        objective.kl_log_steps)
     if objective.estimator == "adjoint":
         from .adjoint import AdjointMatching
 

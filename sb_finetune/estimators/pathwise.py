@@ -2,7 +2,9 @@
 
 K is drawn per batch (`draw_window`: fixed, or uniform in [K_min, K_max]) from the shared stream, so every process
 does the same work. Inside the window the gradient flows through the states into both the policy and the base
-prediction; steps before it run without a graph (with `kl_grad="all"` their KL terms get a local backward each).
+prediction; steps before it run without a graph (with `kl_grad="all"` their KL terms get a local backward each; with
+"window" their KL serves only the log, so the base scores `kl_log_steps` of them, stratified and reweighted: an unbiased
+estimate of the path KL and objective, and `kl_steps` in the log says how many steps it rests on).
 E[grad] = Σ_j p_j g_j with p_j = P(step j inside the window): j/n for K ~ U[1, n] (DESIGN.md, "Random window").
 """
 
@@ -16,8 +18,9 @@ from . import Estimate, Task
 class Pathwise:
     name = "pathwise"
 
-    def __init__(self, window: WindowSpec = None, checkpoint: bool = False, kl_grad: str = "window"):
-        self.window, self.checkpoint, self.kl_grad = window, checkpoint, kl_grad
+    def __init__(self, window: WindowSpec = None, checkpoint: bool = False, kl_grad: str = "window",
+                 kl_log_steps: int | None = None):
+        self.window, self.checkpoint, self.kl_grad, self.kl_log_steps = window, checkpoint, kl_grad, kl_log_steps
 
     def __call__(self, task: Task) -> Estimate:
         k_window = draw_window(self.window, len(task.controlled), task.shared)
@@ -25,7 +28,7 @@ class Pathwise:
         if self.kl_grad == "all":  # the steps before the window: one local backward each, reduced with the window's
             kl_backward = lambda kl: task.backward(task.alpha * kl.mean())  # noqa: E731
         out = rollout(task.policy, task.base, task.schedule, task.x0, window=k_window, generator=task.generator,
-                      checkpoint=self.checkpoint, kl_backward=kl_backward, local=task.local)
+                      checkpoint=self.checkpoint, kl_backward=kl_backward, local=task.local, kl_sample=self.kl_log_steps)
         r = task.reward(out.x)
         parts = soc_loss(r, out.kl, task.alpha, out.window)
 
@@ -33,4 +36,5 @@ class Pathwise:
             task.backward(parts.loss)
             return parts.loss.detach()
 
-        return Estimate(r.detach(), out.kl.detach(), out.log_ratio, task.alpha, out.window, backward, checks=(parts.loss,))
+        return Estimate(r.detach(), out.kl.detach(), out.log_ratio, task.alpha, out.window, backward, checks=(parts.loss,),
+                        extra={"kl_steps": float(out.kl_steps)})
