@@ -4,8 +4,9 @@ Protocol: `reward(images, prompts) -> Tensor[B]`, images a float tensor [B, 3, H
 prompts a list of B strings. A reward says whether gradients flow through it (`differentiable`).
 """
 
-from .registry import Reward, WeightedSum, check_reward_output, list_rewards, load_reward, non_finite_message, register_reward
+from .registry import (Reward, RewardBuildError, WeightedSum, check_reward_output, list_rewards, load_reward,
+                       non_finite_message, register_reward)
 from . import simple  # noqa: F401  (registers the weight-free built-ins)
 from . import clip, digit, jpeg, pickscore  # noqa: F401  (register the model-based built-ins; heavy imports happen on construction)
 
-__all__ = ["Reward", "WeightedSum", "check_reward_output", "list_rewards", "load_reward", "non_finite_message", "register_reward"]
+__all__ = ["Reward", "RewardBuildError", "WeightedSum", "check_reward_output", "list_rewards", "load_reward", "non_finite_message", "register_reward"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
@@ -70,25 +71,59 @@ def list_rewards() -> list[str]:
     return sorted(names)
 
 
+class RewardBuildError(ValueError):
+    """A reward's factory refused its arguments or failed while building: one line that names the reward."""
+
+
+def _build(make: Callable[[], Reward], spec: str, kwargs: dict[str, Any]) -> Reward:
+    """`make()`, with any failure said as one line naming the reward (and the argument, where one was wrong)."""
+    try:
+        return make()
+    except RewardBuildError:
+        raise
+    except TypeError as err:
+        said = str(err)
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", said)
+        missing = re.search(r"missing \d+ required (?:\w+[ -])?arguments?: (.+)$", said)
+        if unexpected:
+            raise RewardBuildError(f"reward '{spec}' does not take '{unexpected.group(1)}' "
+                                   f"(reward.kwargs: {kwargs})") from None
+        if missing:
+            raise RewardBuildError(f"reward '{spec}' needs {missing.group(1)}: set reward.kwargs.NAME=VALUE") from None
+        raise RewardBuildError(f"reward '{spec}' could not be built with reward.kwargs {kwargs}: {_line(err)}") from None
+    except Exception as err:  # the constructor's own failure (a missing file, a download, a bad value)
+        said = _line(err)
+        if f"reward '{spec}'" in said:  # already one line naming the reward (the built-ins' own errors)
+            raise
+        if isinstance(err, FileNotFoundError):  # stays one: callers tell a missing file from a wrong argument
+            raise FileNotFoundError(f"reward '{spec}': {said}") from None
+        raise RewardBuildError(f"reward '{spec}' failed to build: {type(err).__name__}: {said}") from None
+
+
+def _line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
 def load_reward(spec: str, **kwargs: Any) -> Reward:
     """A reward by registered name, "package.module:factory" import path, entry-point name, or the URL of a reward
-    server (http://host:port/score: `sb_finetune.rewards.server`)."""
+    server (http://host:port/score: `sb_finetune.rewards.server`). Any failure to build it is a `RewardBuildError`:
+    one line naming the reward."""
     if spec in _REGISTRY:
-        return _REGISTRY[spec](**kwargs)
+        return _build(lambda: _REGISTRY[spec](**kwargs), spec, kwargs)
     if spec.startswith(("http://", "https://")):
         from .http import HTTPReward
 
-        return HTTPReward(spec, **kwargs)
+        return _build(lambda: HTTPReward(spec, **kwargs), spec, kwargs)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
             obj = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"reward '{spec}': cannot import it ({err})") from None
-        return _as_factory(obj, spec, None)(**kwargs)
+        return _build(lambda: _as_factory(obj, spec, None)(**kwargs), spec, kwargs)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == spec:
-            return _as_factory(ep.load(), spec, None)(**kwargs)
+            return _build(lambda: _as_factory(ep.load(), spec, None)(**kwargs), spec, kwargs)
     raise ValueError(f"unknown reward '{spec}': registered are {list_rewards()}; or give 'package.module:factory'")
 
 

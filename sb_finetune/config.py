@@ -1,13 +1,14 @@
 """Config: nested dataclasses are the schema; YAML files are experiments; `dotted.key=value` overrides.
 
 Unknown keys and wrong types fail with a `ConfigError` naming the key, before any model is loaded.
-`configs/base.yaml` documents every field.
+`configs/base.yaml` documents every field. The YAML files of `configs/` ship inside the package (`sb_finetune.configs`),
+so `--config digits` works from any folder and from an install; `resolve_config` says where each value came from.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 
@@ -141,27 +142,149 @@ _CHOICES = {
 }
 
 
+BUILTIN = "sb_finetune.configs"  # the YAML files of configs/, installed with the package
+COMMAND_LINE, DEFAULT = "command line", "default"
+
+
+@dataclass
+class Resolved:
+    """A config with where each field's value came from."""
+
+    config: Config
+    sources: dict[str, str]  # "section.field" → "default", the YAML file's path, or "command line"
+    notes: list[str]  # what the resolution decided that the user did not say (printed by train.py)
+    path: str | None = None  # the YAML file, resolved
+
+
+def builtin_configs() -> list[str]:
+    """Names of the configs that ship with the package (`--config digits`)."""
+    from importlib.resources import files
+
+    return sorted(p.name[:-5] for p in files(BUILTIN).iterdir() if p.name.endswith(".yaml"))
+
+
+def config_path(spec: str) -> str:
+    """The YAML file `--config` names: a path as given; else a built-in config by name (`digits`, `smoke.yaml`,
+    `configs/smoke.yaml`: the repository's spelling, so its commands work from an install too)."""
+    if os.path.isfile(spec):
+        return spec
+    head, name = os.path.split(spec)
+    name = name.removesuffix(".yaml")
+    if head in ("", "configs"):
+        from importlib.resources import files
+
+        packaged = files(BUILTIN) / f"{name}.yaml"
+        if packaged.is_file():
+            return str(packaged)
+    raise ConfigError(f"config file not found: {spec} (built-in configs, by name: {', '.join(builtin_configs())})")
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Schema ← YAML file ← `key=value` overrides, validated. Raises ConfigError naming the problem."""
+    """Schema ← YAML file (a path or a built-in name) ← `key=value` overrides, validated. Raises ConfigError naming
+    the problem."""
+    return resolve_config(path, overrides).config
+
+
+def schema_keys() -> list[str]:
+    """Every "section.field" of the schema, in order."""
+    default = Config()
+    return [f"{s.name}.{f.name}" for s in fields(default) for f in fields(getattr(default, s.name))]
+
+
+def _keys_under(dotted: str, keys: list[str]) -> list[str]:
+    """The schema fields a YAML or command-line key sets: itself, the fields inside a section, or the field a deeper
+    key (reward.kwargs.target) lies in."""
+    return [k for k in keys if k == dotted or k.startswith(dotted + ".") or dotted.startswith(k + ".")]
+
+
+def _flat(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict) and tree:
+        return [key for k, v in tree.items() for key in _flat(v, f"{prefix}{k}.")]
+    return [prefix[:-1]]
+
+
+def resolve_config(spec: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Resolved:
+    """Schema ← YAML file ← `key=value` overrides, validated, with each field's source. Raises ConfigError naming the
+    problem. A command-line value replaces (`reward.kwargs={}` clears); arguments a YAML file gave one reward are
+    dropped when the command line switches to another (and the notes say so)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    keys = schema_keys()
+    sources = dict.fromkeys(keys, DEFAULT)
     conf = OmegaConf.structured(Config)
+    path = config_path(spec) if spec is not None else None
     try:
         if path is not None:
-            if not os.path.isfile(path):
-                raise ConfigError(f"config file not found: {path}")
-            conf = OmegaConf.merge(conf, OmegaConf.load(path))
+            data = OmegaConf.load(path)
+            conf = OmegaConf.merge(conf, data)
+            for key in _flat(OmegaConf.to_container(data)):
+                sources.update(dict.fromkeys(_keys_under(key, keys), path))
+            beside = os.path.join(os.path.dirname(os.path.abspath(path)), conf.prompts.file or "")
+            if sources["prompts.file"] == path and conf.prompts.file and not os.path.isabs(conf.prompts.file) \
+                    and os.path.isfile(beside):
+                conf.prompts.file = beside  # a YAML's relative path is relative to the YAML (else to the folder run in)
+        file_reward = (conf.reward.name, dict(conf.reward.mix))
+        given_kwargs: set[str] = set()  # reward.kwargs.NAME set on the command line
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
-            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist([item]))
+            key = item.split("=", 1)[0].strip()
+            value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+            # a value given replaces (reward.kwargs={} clears); a whole section merges into the schema's
+            OmegaConf.update(conf, key, value, merge="." not in key)
+            section = "." not in key and OmegaConf.is_dict(value)  # reward={name: x}: the fields it names
+            for given in [f"{key}.{sub}" for sub in _flat(OmegaConf.to_container(value))] if section else [key]:
+                if given.startswith("reward.kwargs."):
+                    given_kwargs.add(given.split(".")[2])
+                for k in _keys_under(given, keys):  # inside a dict field (reward.kwargs.target) the rest keeps its source
+                    kept = given.startswith(k + ".") and sources[k] not in (DEFAULT, COMMAND_LINE)
+                    sources[k] = f"{sources[k].removesuffix(' + ' + COMMAND_LINE)} + {COMMAND_LINE}" if kept else COMMAND_LINE
+        notes = _drop_other_rewards_kwargs(conf, sources, file_reward, given_kwargs)
         cfg: Config = OmegaConf.to_object(conf)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"config key '{key}': {_first_line(err)}") from None
     _validate(cfg)
-    return cfg
+    return Resolved(cfg, sources, notes, path)
+
+
+def _drop_other_rewards_kwargs(conf, sources: dict[str, str], file_reward: tuple[str, dict], given: set[str]) -> list[str]:
+    """Keyword arguments a YAML file gave its reward do not follow the command line to another reward (those the
+    command line gave, `reward.kwargs.NAME=…`, stay)."""
+    switched = (sources["reward.name"] == COMMAND_LINE and conf.reward.name != file_reward[0]) or \
+               (sources["reward.mix"] == COMMAND_LINE and dict(conf.reward.mix) != file_reward[1])
+    dropped = {k: v for k, v in conf.reward.kwargs.items() if k not in given}
+    if not switched or not dropped or sources["reward.kwargs"] in (DEFAULT, COMMAND_LINE):
+        return []
+    was = sources["reward.kwargs"].removesuffix(f" + {COMMAND_LINE}")
+    for k in dropped:
+        del conf.reward.kwargs[k]
+    sources["reward.kwargs"] = COMMAND_LINE if given else f"{DEFAULT} (those of {was} were for another reward)"
+    now = f"the mix {dict(conf.reward.mix)}" if conf.reward.mix else f"'{conf.reward.name}'"
+    return [f"reward.kwargs {dropped} from {was} were for reward '{file_reward[0]}', not passed to {now} "
+            f"(set reward.kwargs.NAME=VALUE on the command line for it)"]
+
+
+def describe(resolved: Resolved) -> str:
+    """The resolved config as YAML that `--config` reads back, each field commented with where its value came from."""
+    import yaml
+
+    cfg, width = resolved.config, max(len(k) for k in schema_keys()) + 24
+    lines = [f"# resolved config: {resolved.path or 'the schema defaults'}"
+             f"{' + command-line overrides' if COMMAND_LINE in resolved.sources.values() else ''}"]
+    lines += [f"# note: {n}" for n in resolved.notes]
+    section = None
+    for key in schema_keys():
+        name, leaf = key.split(".")
+        if name != section:
+            lines.append(f"{name}:")
+            section = name
+        value = getattr(getattr(cfg, name), leaf)
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**9, allow_unicode=True).strip()
+        text = text.removesuffix("...").strip()
+        lines.append(f"  {leaf}: {text}".ljust(width) + f"  # {resolved.sources[key]}")
+    return "\n".join(lines)
 
 
 def _first_line(err: Exception) -> str:
