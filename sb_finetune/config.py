@@ -100,6 +100,9 @@ class LoggingConfig:
     eval_prompts: list[str] = field(default_factory=list)  # [] = the first 4 training prompts
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # one grid column per seed
     summary_samples: int = 0  # > 0: before and after training, that many samples → summary.json, grids, curves.png
+    eval_rewards: list[str] = field(default_factory=list)  # held-out rewards scored at evaluations and in the summary
+    kl_alarm: Optional[float] = None  # nats: warn once when the path KL (mean of the last 10 steps) exceeds it
+    kl_alarm_stop: bool = False  # and stop there (the adapter of that step is saved)
 
 
 @dataclass
@@ -350,6 +353,8 @@ def _validate(cfg: Config) -> None:
     g = cfg.optim.group_size
     if g is not None and (g < 1 or cfg.optim.batch_size % g):
         raise ConfigError(f"config key 'optim.group_size': must be >= 1 and divide optim.batch_size ({cfg.optim.batch_size}), got {g}")
+    if cfg.logging.kl_alarm is not None and cfg.logging.kl_alarm <= 0:
+        raise ConfigError(f"config key 'logging.kl_alarm': a bound in nats > 0 (or null), got {cfg.logging.kl_alarm}")
     if cfg.prompts.file is not None and not os.path.isfile(cfg.prompts.file):
         raise ConfigError(f"config key 'prompts.file': no such file: {cfg.prompts.file}")
 

@@ -1,5 +1,6 @@
-"""Evaluation during training: image grids of the current control on fixed prompts and seeds, and the before/after
-summary (summary.json, sample grids, curves.png)."""
+"""Evaluation during training: image grids of the current control on fixed prompts and seeds, scored by the trained
+and the held-out rewards, with the KL profile and the curves; and the before/after summary (summary.json, sample
+grids, curves.png). The pictures are drawn in `sb_finetune.plots`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import inspect
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,7 @@ import torch
 from .config import Config
 from .control import base_denoiser
 from .objective import tilted_optimum
+from .plots import save_curves, save_grid, save_kl_profile, side_by_side
 from .rollout import path_log_ratio, rollout
 
 
@@ -40,8 +43,9 @@ def _size(resolution: int | None) -> tuple[int, int] | None:
 
 @torch.no_grad()
 def eval_grid(fam, module, schedule, prompts: list[str], seeds: list[int], guidance_scale: float = 1.0,
-              negative_prompt: str | None = None, resolution: int | None = None) -> tuple[torch.Tensor, float]:
-    """Images [len(prompts) · len(seeds), 3, H, W] in [0, 1] (row = prompt, column = seed) and their mean path KL."""
+              negative_prompt: str | None = None, resolution: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [len(prompts) · len(seeds), 3, H, W] in [0, 1] (row = prompt, column = seed) and their per-step KL to
+    the base [N] (the mean over the images: its sum is the mean path KL)."""
     cond = fam.encode(prompts, len(prompts), guidance_scale, negative_prompt or None, _size(resolution))
     device = next(module.parameters()).device
     columns, kls = [], []
@@ -49,16 +53,9 @@ def eval_grid(fam, module, schedule, prompts: list[str], seeds: list[int], guida
         images, kl, _ = _rollout_images(fam, module, schedule, cond, len(prompts),
                                         torch.Generator(device).manual_seed(int(seed)), resolution)
         columns.append(images)
-        kls.append(kl.sum(1))
+        kls.append(kl)
     images = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: prompt i, seed j
-    return images.cpu(), float(torch.cat(kls).mean())
-
-
-def save_grid(images: torch.Tensor, columns: int, path: str) -> None:
-    from torchvision.utils import save_image
-
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_image(images, path, nrow=columns, padding=2)
+    return images.cpu(), torch.cat(kls).mean(0).cpu()
 
 
 @dataclass
@@ -140,71 +137,107 @@ def summarize(fam, module, schedule, reward, prompts: list[str], n: int, batch: 
     return numbers, paths.images
 
 
-def save_curves(history: list[dict], path: str, keys: tuple[str, ...] = ("reward_mean", "kl")) -> None:
-    """A PNG with one panel per key over the training steps (PIL only: no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    w, h, pad = 480, 220, 64
-    canvas = Image.new("RGB", (w, h * len(keys)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for panel, key in enumerate(keys):
-        values = [float(row[key]) for row in history if key in row and row[key] == row[key]]
-        top = panel * h
-        draw.rectangle([pad, top + 10, w - 10, top + h - pad], outline="black")
-        draw.text((pad, top), f"{key}  (steps 1-{len(values)})", fill="black")
-        if len(values) < 2:
-            continue
-        lo, hi = min(values), max(values)
-        span = hi - lo or 1.0
-        draw.text((2, top + 10), f"{hi:.3g}", fill="black")
-        draw.text((2, top + h - pad - 10), f"{lo:.3g}", fill="black")
-        points = [(pad + (w - 10 - pad) * i / (len(values) - 1), top + h - pad - (h - pad - 10) * (v - lo) / span)
-                  for i, v in enumerate(values)]
-        draw.line(points, fill="royalblue", width=2)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    canvas.save(path)
-
-
-def make_evaluator(accelerator, cfg: Config, fam, module, schedule, prompts: list[str]):
-    """evaluate(step): on the main process, an image grid of eval prompts × seeds → samples/step_XXXXXX.png + trackers."""
+def make_evaluator(accelerator, cfg: Config, fam, module, schedule, prompts: list[str], reward,
+                   held_out: dict | None = None):
+    """evaluate(step) -> numbers: on the main process, an image grid of eval prompts × seeds (samples/step_XXXXXX.png,
+    one row a prompt, labelled), its per-step KL (kl_profile.png), the trained and the held-out rewards
+    (`logging.eval_rewards`) on it, all to the trackers; {} on other processes and where evaluation is off."""
     eval_prompts = list(cfg.logging.eval_prompts) or prompts[:4]
     if not fam.conditional:  # one row per "prompt": as many rows as asked, or 4
         eval_prompts = [""] * max(len(cfg.logging.eval_prompts), 4)
+    seeds, held_out = cfg.logging.eval_seeds, held_out or {}
     done = set()
 
-    def evaluate(step: int) -> None:
+    @torch.no_grad()
+    def evaluate(step: int) -> dict[str, float]:
         if not cfg.logging.eval_every or step in done or not accelerator.is_main_process:
-            return
+            return {}
         done.add(step)
-        images, kl = eval_grid(fam, getattr(module, "module", module), schedule, eval_prompts, cfg.logging.eval_seeds,
+        images, kl = eval_grid(fam, getattr(module, "module", module), schedule, eval_prompts, seeds,
                                cfg.sampler.guidance_scale, cfg.sampler.negative_prompt, cfg.model.resolution)
-        save_grid(images, len(cfg.logging.eval_seeds), os.path.join(cfg.output.dir, "samples", f"step_{step:06d}.png"))
-        for tracker in accelerator.trackers:
+        labels = eval_prompts if fam.conditional else None
+        save_grid(images, len(seeds), os.path.join(cfg.output.dir, "samples", f"step_{step:06d}.png"), labels)
+        profile = os.path.join(cfg.output.dir, "kl_profile.png")
+        save_kl_profile(kl.tolist(), profile, f"KL per sampling step at step {step}, nats (sum {float(kl.sum()):.3g})")
+        shown, on_device = [p for p in eval_prompts for _ in seeds], images.to(accelerator.device)
+        numbers = {"eval/kl": float(kl.sum()), "eval/reward": float(reward(on_device, shown).float().mean())}
+        numbers.update({f"eval/{name}": float(r(on_device, shown).float().mean()) for name, r in held_out.items()})
+        for tracker in accelerator.trackers:  # [N, H, W, 3] arrays; tensorboard must be told (its default is NCHW)
             if hasattr(tracker, "log_images"):
-                tracker.log_images({"eval": images.permute(0, 2, 3, 1).numpy()}, step=step)
+                tracker.log_images({"eval": images.permute(0, 2, 3, 1).numpy(), "kl_profile": _png_array(profile)}, step=step,
+                                   **({"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}))
         if cfg.logging.tracker != "none":
-            accelerator.log({"eval/kl": kl}, step=step)
+            accelerator.log(numbers, step=step)
+        return numbers
 
     return evaluate
 
 
+def _png_array(path: str):
+    """A PNG as a [1, H, W, 3] float array in [0, 1], as trackers' log_images takes it."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)[None] / 255.0
+
+
+def load_held_out(names: list[str], device) -> dict:
+    """The held-out rewards (names, import paths or servers, as `reward.name` takes), frozen, on `device`."""
+    from sb_finetune.rewards import load_reward
+
+    return {name: load_reward(name).to(device).requires_grad_(False).eval() for name in names}
+
+
+class KLAlarm:
+    """`logging.kl_alarm`: warn once, with the step and the numbers (and with `logging.kl_alarm_stop`, stop there),
+    when the path KL, averaged over the last 10 steps and over the processes, exceeds the bound in nats."""
+
+    def __init__(self, bound: float | None, stop: bool = False):
+        self.bound, self.stop, self.recent, self.fired = bound, stop, [], False
+
+    def __call__(self, accelerator, step: int, kl: float, optimum: dict | None) -> bool:
+        """True: stop the run here (every process gets the same answer)."""
+        if not self.bound or self.fired:
+            return False
+        self.recent = [*self.recent, kl][-10:]
+        mean = sum(self.recent) / len(self.recent)
+        if accelerator.num_processes > 1:
+            mean = float(accelerator.reduce(torch.tensor([mean], device=accelerator.device), "mean"))
+        if mean <= self.bound:
+            return False
+        self.fired = True
+        said = f"; the optimum's is {optimum['kl']:.3g} (summary.json)" if optimum else ""
+        warnings.warn(f"step {step}: the path KL, {mean:.3g} nats over the last {len(self.recent)} steps, is above "
+                      f"logging.kl_alarm={self.bound:g}{said}"
+                      + (": stopping here (logging.kl_alarm_stop); this step's adapter is saved" if self.stop else ""))
+        return self.stop
+
+
 def write_summary(accelerator, cfg: Config, fam, module, schedule, reward, prompts: list[str], when: str,
-                  extra: dict | None = None, history: list[dict] | None = None) -> None:
-    """With logging.summary_samples: numbers on fresh samples "before"/"after" training → summary.json,
-    samples_<when>.png (the first 64) and, after, curves.png of reward and KL over the steps.
+                  extra: dict | None = None, history: list[dict] | None = None, held_out: dict | None = None,
+                  start: dict | None = None) -> dict | None:
+    """With logging.summary_samples: numbers on fresh samples "before"/"after" training → summary.json (with the
+    held-out rewards' means as eval/<name>), samples_<when>.png (the first 64, upscaled) and, after,
+    samples_before_after.png and curves.png (the optimum as each curve's reference; `start`: the step-0 evaluation).
+    Returns the optimum's numbers (None where off).
 
     summary.json's "optimum" is what the best control reaches, p_base tilted by exp(R/alpha): from the base samples
     before training, then from the base and the trained samples together ("optimum_base_only" keeps the first);
     "gap_after" is the trained control's distance to it, in nats."""
     if not cfg.logging.summary_samples or not accelerator.is_main_process:
-        return
+        return None
     numbers, images = summarize(fam, getattr(module, "module", module), schedule, reward, prompts,
                                 cfg.logging.summary_samples, 4 * cfg.optim.batch_size, guidance_scale=cfg.sampler.guidance_scale,
                                 negative_prompt=cfg.sampler.negative_prompt, resolution=cfg.model.resolution,
                                 alpha=cfg.objective.alpha, optimum="base" if when == "before" else "both")
+    shown = [prompts[i % len(prompts)] for i in range(len(images))]
+    for name, r in (held_out or {}).items():  # the same samples, scored by rewards the run does not train on
+        numbers[f"eval/{name}"] = float(torch.cat([r(chunk.to(accelerator.device), shown[i:i + len(chunk)]).float().cpu()
+                                                   for i, chunk in zip(range(0, len(images), 64), images.split(64))]).mean())
     optimum = numbers.pop("optimum", None)
-    save_grid(images[:64], 8, os.path.join(cfg.output.dir, f"samples_{when}.png"))
-    path = os.path.join(cfg.output.dir, "summary.json")
+    out = cfg.output.dir
+    save_grid(images[:64], 8, os.path.join(out, f"samples_{when}.png"), tile=96)
+    path = os.path.join(out, "summary.json")
     summary = {}
     if when == "after" and os.path.isfile(path):
         with open(path) as f:
@@ -218,11 +251,15 @@ def write_summary(accelerator, cfg: Config, fam, module, schedule, reward, promp
     summary["samples"] = cfg.logging.summary_samples
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
+    if when == "after" and os.path.isfile(os.path.join(out, "samples_before.png")):
+        side_by_side(os.path.join(out, "samples_before.png"), os.path.join(out, "samples_after.png"),
+                     os.path.join(out, "samples_before_after.png"))
     if history:
-        save_curves(history, os.path.join(cfg.output.dir, "curves.png"))
+        save_curves(history, os.path.join(out, "curves.png"), summary.get("optimum"), start)
     accelerator.print(f"summary ({when}): " + _fmt(numbers))
     if optimum:
         accelerator.print(f"optimum (from {optimum['estimated_from']}): " + _fmt(optimum))
+    return summary.get("optimum")
 
 
 def _fmt(numbers: dict) -> str:

@@ -16,7 +16,8 @@ from .config import Config, to_yaml
 from .control import add_lora_control, base_denoiser, load_lora_control, lora_state_dict, save_lora_control
 from .data import DTYPES, load_pipeline, load_prompts
 from .estimators import DIFFERENTIABLE_ONLY, Task, make_estimator
-from .evaluation import make_evaluator, write_summary
+from .evaluation import KLAlarm, load_held_out, make_evaluator, write_summary
+from .plots import save_curves
 from .families import family_of
 from .objective import is_finite
 from .rewards import non_finite_message
@@ -92,6 +93,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         torch.set_num_threads(_cpu_threads())
         _release_freed_activations()
     reward = build_reward(cfg)  # fails fast on an unknown reward, before the model loads
+    held_out = load_held_out(cfg.logging.eval_rewards, accelerator.device)  # scored at evaluations, never trained on
     prompts = load_prompts(cfg.prompts)
     if cfg.objective.estimator not in DIFFERENTIABLE_ONLY and cfg.optim.group_size is None and len(set(prompts)) > 1:
         raise ValueError(f"objective.estimator={cfg.objective.estimator} compares samples of one prompt: with "
@@ -139,11 +141,14 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             f.write(to_yaml(cfg))
     if cfg.logging.tracker != "none":
         accelerator.init_trackers(cfg.logging.project)
-    evaluate = make_evaluator(accelerator, cfg, fam, module, schedule, prompts)
-    started = time.time()
+    evaluate = make_evaluator(accelerator, cfg, fam, module, schedule, prompts, reward, held_out)
+    started, start, optimum = time.time(), {}, _saved_optimum(out_dir)
     if counters.step == 0:
-        evaluate(0)
-        write_summary(accelerator, cfg, fam, module, schedule, reward, prompts, "before")
+        start = evaluate(0)
+        optimum = write_summary(accelerator, cfg, fam, module, schedule, reward, prompts, "before", held_out=held_out)
+        if optimum and cfg.logging.tracker != "none":  # the reference every curve is read against
+            accelerator.log({f"optimum/{k}": optimum[k] for k in ("objective", "kl", "reward_mean", "effective_samples")}, step=0)
+    alarm = KLAlarm(cfg.logging.kl_alarm, cfg.logging.kl_alarm_stop)
 
     # ---- the loop
     local = lambda: accelerator.no_sync(ddp_module)  # noqa: E731  (partial backwards, all-reduced with a later one)
@@ -200,21 +205,30 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 "step_time": time.time() - t0, "peak_mem_mb": _peak_mem_mb(accelerator.device), "setup_mem_mb": setup_mem}
         if hasattr(reward, "last_terms"):
             logs.update({f"reward/{k}": v for k, v in reward.last_terms.items()})
+        if optimum:  # the batch's distance to what the optimal control reaches (summary.json's estimate)
+            logs["objective_gap"] = logs["objective"] - optimum["objective"]
         history.append(logs)
         if cfg.logging.tracker != "none" and counters.step % cfg.logging.every == 0:
             accelerator.log(logs, step=counters.step)
         bar.update(1)
-        bar.set_postfix(reward=f"{logs['reward_mean']:.3f}", kl=f"{logs['kl']:.3f}", sec=f"{logs['step_time']:.1f}")
+        bar.set_postfix(reward=f"{logs['reward_mean']:.3f}", kl=f"{logs['kl']:.3f}", sec=f"{logs['step_time']:.1f}",
+                        **({"gap": f"{logs['objective_gap']:.2f}"} if optimum else {}))
         if cfg.output.checkpoint_every and counters.step % cfg.output.checkpoint_every == 0:
             checkpoint.save(accelerator, out_dir, counters.step, cfg.output.keep_last)
             if accelerator.is_main_process:
                 _write_history(out_dir, history)
         if cfg.logging.eval_every and counters.step % cfg.logging.eval_every == 0 and counters.step < cfg.optim.steps:
-            evaluate(counters.step)
+            history[-1].update(evaluate(counters.step))
+            if accelerator.is_main_process:  # the curves so far, while the run goes
+                save_curves(history, os.path.join(out_dir, "curves.png"), optimum, start)
+        if alarm(accelerator, counters.step, logs["kl"], optimum):
+            break
     bar.close()
-    evaluate(counters.step)
+    if history:
+        history[-1].update(evaluate(counters.step))
     write_summary(accelerator, cfg, fam, module, schedule, reward, prompts, "after",
-                  {"steps": counters.step, "seconds": round(time.time() - started, 1), "peak_rss_mb": _peak_rss_mb()}, history)
+                  {"steps": counters.step, "seconds": round(time.time() - started, 1), "peak_rss_mb": _peak_rss_mb()}, history,
+                  held_out, start)
 
     # ---- the result: adapter + metadata + model card + resolved config; every rank holds the same control
     accelerator.wait_for_everyone()
@@ -399,6 +413,15 @@ def _write_history(out_dir: str, history: list[dict]) -> None:
     with open(path + ".partial", "w") as f:  # a kill while writing leaves the previous history whole
         json.dump(history, f)
     os.replace(path + ".partial", path)
+
+
+def _saved_optimum(out_dir: str) -> dict | None:
+    """summary.json's optimum from the run being resumed, if it wrote one."""
+    path = os.path.join(out_dir, "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("optimum")
 
 
 def _read_history(out_dir: str, step: int) -> list[dict]:

@@ -211,7 +211,7 @@ def test_eval_grids_are_written_before_during_and_after(tmp_path):
     grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
     assert grids == ["step_000000.png", "step_000002.png", "step_000004.png"]
     width, height = Image.open(tmp_path / "samples" / "step_000000.png").size
-    assert (width, height) == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # 3 seeds × 2 prompts of 32 px, 2 px padding
+    assert (width, height) == (170 + 3 * 128 + 4 * 2, 2 * 128 + 3 * 2)  # labels; 3 seeds × 2 prompts, 32 px → 128
 
 
 def _launch_two_ranks(out_dir: Path, *overrides: str) -> None:

@@ -1,0 +1,87 @@
+"""What a user sees while a run goes: held-out rewards beside the trained one, the optimum as every curve's reference,
+the KL per sampling step, readable grids, and an alarm when the KL runs away."""
+
+import glob
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sb_finetune.config import ConfigError, load_config
+from sb_finetune.plots import grid_image, save_curves, series
+
+ROOT = Path(__file__).resolve().parents[1]
+CRIMSON = (220, 20, 60)  # the optimum's reference line
+
+
+def _colors(path) -> set:
+    return {c for _, c in Image.open(path).convert("RGB").getcolors(1 << 20)}
+
+
+def test_smoke_run_with_a_held_out_reward_shows_the_optimum_the_kl_profile_and_logs_it(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sb_finetune.trainer import train
+
+    cfg = load_config(str(ROOT / "configs/smoke.yaml"), [
+        f"output.dir={tmp_path}", "optim.steps=2", "logging.eval_every=1", "logging.summary_samples=8",
+        "logging.eval_rewards=[contrast,jpeg_compressibility]", "logging.tracker=tensorboard"])
+    result = train(cfg)
+    history = result["history"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    optimum = summary["optimum"]
+    for row in history:  # every evaluation scored by the trained and the held-out rewards, and the gap logged
+        assert {"eval/reward", "eval/contrast", "eval/jpeg_compressibility", "eval/kl"} <= set(row)
+        assert row["objective_gap"] == pytest.approx(row["objective"] - summary["optimum_base_only"]["objective"])
+    assert {"eval/contrast_before", "eval/contrast_after", "eval/jpeg_compressibility_after"} <= set(summary)
+    assert CRIMSON in _colors(tmp_path / "curves.png")  # the optimum's dashed line is drawn
+    curves = Image.open(tmp_path / "curves.png")
+    assert curves.height == 230 * 7  # reward, KL, objective and the four evaluation panels (kl, reward, 2 held out)
+    assert (tmp_path / "kl_profile.png").is_file() and (tmp_path / "samples_before_after.png").is_file()
+    grid = Image.open(tmp_path / "samples" / "step_000002.png")
+    assert grid.width >= 2 * 128 + 170 and grid.height >= 3 * 128  # 2 seeds × 3 prompts, upscaled, labelled rows
+    events = EventAccumulator(glob.glob(str(tmp_path / "sb-finetune" / "events*"))[0]).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"optimum/objective", "optimum/kl", "objective_gap", "eval/contrast", "eval/kl"} <= tags
+    assert events.Scalars("optimum/kl")[0].value == pytest.approx(summary["optimum_base_only"]["kl"], rel=1e-5)
+    assert optimum["effective_samples"] > 0
+    assert "kl_profile" in events.Tags()["images"]
+
+
+def test_curves_draw_the_reference_and_evaluations_at_their_steps(tmp_path):
+    history = [{"reward_mean": 0.1 * i, "kl": 0.2 * i, "objective": 1.0 - 0.1 * i} for i in range(5)]
+    history[1]["eval/contrast"], history[4]["eval/contrast"] = 0.3, 0.2
+    assert series(history, "eval/contrast", {"eval/contrast": 0.4}) == [(0, 0.4), (2, 0.3), (5, 0.2)]
+    save_curves(history, str(tmp_path / "no_ref.png"))
+    assert CRIMSON not in _colors(tmp_path / "no_ref.png")
+    save_curves(history, str(tmp_path / "ref.png"), {"kl": 3.0, "effective_samples": 40.0})
+    assert CRIMSON in _colors(tmp_path / "ref.png")
+
+
+def test_grids_are_upscaled_with_nearest_and_labelled():
+    images = torch.rand(6, 3, 16, 16)
+    plain = grid_image(images, 3)
+    assert plain.size == (3 * 128 + 4 * 2, 2 * 128 + 3 * 2)
+    tile = torch.nn.functional.interpolate(images[:1], scale_factor=8, mode="nearest")[0]
+    first = torch.tensor(list(plain.crop((2, 2, 130, 130)).getdata()), dtype=torch.float32).view(128, 128, 3) / 255
+    torch.testing.assert_close(first.permute(2, 0, 1), tile, atol=1 / 255, rtol=0)  # sharp pixels, not blurred
+    assert grid_image(images, 3, ["a cat", "a red car"]).width == plain.width + 170
+
+
+def test_kl_alarm_warns_once_and_can_stop_the_run(tmp_path):
+    from sb_finetune.trainer import train
+
+    cfg = load_config(str(ROOT / "configs/smoke.yaml"), [f"output.dir={tmp_path}", "optim.steps=6", "logging.eval_every=0",
+                                                         "optim.lr=1e-2", "logging.kl_alarm=1e-9", "logging.kl_alarm_stop=true"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(cfg)
+    said = [str(w.message) for w in caught if "logging.kl_alarm" in str(w.message)]
+    assert len(said) == 1 and "stopping here" in said[0] and said[0].startswith(f"step {result['steps']}:")
+    assert 2 <= result["steps"] < 6  # the zero control pays no KL at step 1; the first update does
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    with pytest.raises(ConfigError, match="logging.kl_alarm"):
+        load_config(None, ["logging.kl_alarm=0"])
