@@ -95,10 +95,17 @@ def _weighted_metrics(reward, images: torch.Tensor, weights: torch.Tensor, devic
     return reward.metrics(images.to(device), weights=weights.to(device))
 
 
+def _scores(reward, images: torch.Tensor, prompts: list[str], device, batch: int = 64) -> torch.Tensor:
+    """reward [n] on images scored in batches, prompts in turn (as `sample_paths` drew them)."""
+    shown = [prompts[i % len(prompts)] for i in range(len(images))]
+    return torch.cat([reward(chunk.to(device), shown[i:i + batch]).float().cpu()
+                      for i, chunk in zip(range(0, len(images), batch), images.split(batch))])
+
+
 @torch.no_grad()
 def summarize(fam, module, schedule, reward, prompts: list[str], n: int, batch: int, seed: int = 12345,
               guidance_scale: float = 1.0, negative_prompt: str | None = None, resolution: int | None = None,
-              alpha: float = 1.0, optimum: str | None = None) -> tuple[dict, torch.Tensor]:
+              alpha: float = 1.0, optimum: str | None = None, held_out: dict | None = None) -> tuple[dict, torch.Tensor]:
     """On n fresh samples of the current control (fixed seed): reward mean/std, path KL to the base (nats) and per
     step, the objective alpha·KL − E[R], and the reward's own `metrics(images)` if it has one. Returns (numbers,
     images).
@@ -108,7 +115,8 @@ def summarize(fam, module, schedule, reward, prompts: list[str], n: int, batch: 
     optimum="both": also draw n base paths (the same seed: the same paths as "base" gave) scored against the
     control, and estimate the optimum from both sets (far more effective samples once the control is near it);
     numbers["gap"] is then the distance to it: the objective's excess alpha·KL(P_θ ‖ P*) on paths, estimated path
-    by path as alpha·Σ log dP_θ/dP_base − R + alpha·log Z* (± its standard error), and the KL's excess."""
+    by path as alpha·Σ log dP_θ/dP_base − R + alpha·log Z* (± its standard error), and the KL's excess.
+    held_out: {name: reward} scored on the samples (numbers["eval/<name>"]) and reweighted to p* (the optimum's)."""
     device = next(module.parameters()).device
     args = (fam, module, schedule, reward, prompts, n, batch, seed, guidance_scale, negative_prompt, resolution)
     paths = sample_paths(*args)
@@ -118,10 +126,13 @@ def summarize(fam, module, schedule, reward, prompts: list[str], n: int, batch: 
                "kl_per_step": [round(float(v), 5) for v in paths.kl.mean(0)]}
     if hasattr(reward, "metrics"):
         numbers.update(reward.metrics(paths.images.to(device)))
+    scores = {name: _scores(r, paths.images, prompts, device) for name, r in (held_out or {}).items()}
+    numbers.update({f"eval/{name}": float(v.mean()) for name, v in scores.items()})
     if optimum == "base":
         best = tilted_optimum(paths.reward, alpha)
         numbers["optimum"] = {**best.numbers(), "estimated_from": f"{n} base samples",
-                              **_weighted_metrics(reward, paths.images, best.weights, device)}
+                              **_weighted_metrics(reward, paths.images, best.weights, device),
+                              **{f"eval/{name}": float((best.weights * v).sum()) for name, v in scores.items()}}
     elif optimum == "both":
         base_paths = sample_paths(*args, from_base=True)
         r = torch.cat([base_paths.reward, paths.reward])
@@ -129,8 +140,11 @@ def summarize(fam, module, schedule, reward, prompts: list[str], n: int, batch: 
         # both sets, drawn from the mixture ½ P_base + ½ P_θ: its density to P_base is ½ + ½ exp(log dP_θ/dP_base)
         best = tilted_optimum(r, alpha, log_proposal=torch.logaddexp(torch.zeros_like(log_ratio), log_ratio) - math.log(2))
         images = torch.cat([base_paths.images, paths.images])
+        base_scores = {name: _scores(r, base_paths.images, prompts, device) for name, r in (held_out or {}).items()}
         numbers["optimum"] = {**best.numbers(), "estimated_from": f"{n} base and {n} trained samples",
-                              **_weighted_metrics(reward, images, best.weights, device)}
+                              **_weighted_metrics(reward, images, best.weights, device),
+                              **{f"eval/{name}": float((best.weights * torch.cat([base_scores[name], v])).sum())
+                                 for name, v in scores.items()}}
         excess = alpha * paths.log_ratio.sum(1).double() - paths.reward.double() + alpha * best.log_z
         numbers["gap"] = {"objective": float(excess.mean()), "objective_se": float(excess.std()) / n**0.5,
                           "kl": float(kl.mean()) - best.kl}
@@ -156,7 +170,11 @@ def make_evaluator(accelerator, cfg: Config, fam, module, schedule, prompts: lis
         images, kl = eval_grid(fam, getattr(module, "module", module), schedule, eval_prompts, seeds,
                                cfg.sampler.guidance_scale, cfg.sampler.negative_prompt, cfg.model.resolution)
         labels = eval_prompts if fam.conditional else None
-        save_grid(images, len(seeds), os.path.join(cfg.output.dir, "samples", f"step_{step:06d}.png"), labels)
+        grid = os.path.join(cfg.output.dir, "samples", f"step_{step:06d}.png")
+        save_grid(images, len(seeds), grid, labels)
+        first = os.path.join(cfg.output.dir, "samples", "step_000000.png")
+        if step and os.path.isfile(first):  # the grid as it started next to this one
+            side_by_side(first, grid, os.path.join(cfg.output.dir, "samples", "before_after.png"), ("step 0", f"step {step}"))
         profile = os.path.join(cfg.output.dir, "kl_profile.png")
         save_kl_profile(kl.tolist(), profile, f"KL per sampling step at step {step}, nats (sum {float(kl.sum()):.3g})")
         shown, on_device = [p for p in eval_prompts for _ in seeds], images.to(accelerator.device)
@@ -229,11 +247,7 @@ def write_summary(accelerator, cfg: Config, fam, module, schedule, reward, promp
     numbers, images = summarize(fam, getattr(module, "module", module), schedule, reward, prompts,
                                 cfg.logging.summary_samples, 4 * cfg.optim.batch_size, guidance_scale=cfg.sampler.guidance_scale,
                                 negative_prompt=cfg.sampler.negative_prompt, resolution=cfg.model.resolution,
-                                alpha=cfg.objective.alpha, optimum="base" if when == "before" else "both")
-    shown = [prompts[i % len(prompts)] for i in range(len(images))]
-    for name, r in (held_out or {}).items():  # the same samples, scored by rewards the run does not train on
-        numbers[f"eval/{name}"] = float(torch.cat([r(chunk.to(accelerator.device), shown[i:i + len(chunk)]).float().cpu()
-                                                   for i, chunk in zip(range(0, len(images), 64), images.split(64))]).mean())
+                                alpha=cfg.objective.alpha, optimum="base" if when == "before" else "both", held_out=held_out)
     optimum = numbers.pop("optimum", None)
     out = cfg.output.dir
     save_grid(images[:64], 8, os.path.join(out, f"samples_{when}.png"), tile=96)

@@ -9,7 +9,10 @@ import textwrap
 
 import torch
 
-UNITS = {"reward_mean": "reward (batch mean)", "kl": "path KL, nats", "objective": "alpha·KL − reward, nats"}
+REFERENCE = {"eval/reward": "reward_mean", "eval/kl": "kl"}  # an evaluation panel's number in the optimum's terms
+UNITS = {"reward_mean": "reward (training batch mean)", "kl": "path KL, nats (training batch)",
+         "objective": "alpha * KL - reward, nats (training batch)", "eval/reward": "reward on the eval grid",
+         "eval/kl": "path KL on the eval grid, nats"}  # ASCII: PIL's default font has no '·' or '−'
 
 
 def _ready(path: str) -> str:
@@ -80,10 +83,10 @@ def save_curves(history: list[dict], path: str, reference: dict | None = None, s
     for panel, key in enumerate(keys):
         top = panel * h
         pts = series(history, key, start)
-        ref = (reference or {}).get(key)
+        ref = (reference or {}).get(REFERENCE.get(key, key))
         x0, x1, y0, y1 = left, w - 12, top + 22, top + h - bottom
         draw.rectangle([x0, y0, x1, y1], outline="black")
-        draw.text((x0, top + 4), f"{key}: {UNITS.get(key, 'held-out reward, at the evaluations' if key.startswith('eval/') else '')}",
+        draw.text((x0, top + 4), f"{key}: {UNITS.get(key, 'held-out reward on the eval grid (never trained on)')}",
                   fill="black")
         draw.text((x0, y1 + 4), "0", fill="black")
         draw.text((x1 - 60, y1 + 4), f"step {steps}", fill="black")

@@ -147,7 +147,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         start = evaluate(0)
         optimum = write_summary(accelerator, cfg, fam, module, schedule, reward, prompts, "before", held_out=held_out)
         if optimum and cfg.logging.tracker != "none":  # the reference every curve is read against
-            accelerator.log({f"optimum/{k}": optimum[k] for k in ("objective", "kl", "reward_mean", "effective_samples")}, step=0)
+            accelerator.log({f"optimum/{k}": v for k, v in optimum.items() if isinstance(v, (int, float))}, step=0)
     alarm = KLAlarm(cfg.logging.kl_alarm, cfg.logging.kl_alarm_stop)
 
     # ---- the loop

@@ -37,6 +37,9 @@ def test_smoke_run_with_a_held_out_reward_shows_the_optimum_the_kl_profile_and_l
         assert {"eval/reward", "eval/contrast", "eval/jpeg_compressibility", "eval/kl"} <= set(row)
         assert row["objective_gap"] == pytest.approx(row["objective"] - summary["optimum_base_only"]["objective"])
     assert {"eval/contrast_before", "eval/contrast_after", "eval/jpeg_compressibility_after"} <= set(summary)
+    for held_out in ("eval/contrast", "eval/jpeg_compressibility"):  # what the optimum does to them: their reference
+        assert held_out in optimum and held_out in summary["optimum_base_only"]
+    assert (tmp_path / "samples" / "before_after.png").is_file()
     assert CRIMSON in _colors(tmp_path / "curves.png")  # the optimum's dashed line is drawn
     curves = Image.open(tmp_path / "curves.png")
     assert curves.height == 230 * 7  # reward, KL, objective and the four evaluation panels (kl, reward, 2 held out)
@@ -45,7 +48,7 @@ def test_smoke_run_with_a_held_out_reward_shows_the_optimum_the_kl_profile_and_l
     assert grid.width >= 2 * 128 + 170 and grid.height >= 3 * 128  # 2 seeds × 3 prompts, upscaled, labelled rows
     events = EventAccumulator(glob.glob(str(tmp_path / "sb-finetune" / "events*"))[0]).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"optimum/objective", "optimum/kl", "objective_gap", "eval/contrast", "eval/kl"} <= tags
+    assert {"optimum/objective", "optimum/kl", "optimum/eval/contrast", "objective_gap", "eval/contrast", "eval/kl"} <= tags
     assert events.Scalars("optimum/kl")[0].value == pytest.approx(summary["optimum_base_only"]["kl"], rel=1e-5)
     assert optimum["effective_samples"] > 0
     assert "kl_profile" in events.Tags()["images"]
