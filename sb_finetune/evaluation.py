@@ -177,9 +177,10 @@ def make_evaluator(accelerator, cfg: Config, fam, module, schedule, prompts: lis
             side_by_side(first, grid, os.path.join(cfg.output.dir, "samples", "before_after.png"), ("step 0", f"step {step}"))
         profile = os.path.join(cfg.output.dir, "kl_profile.png")
         save_kl_profile(kl.tolist(), profile, f"KL per sampling step at step {step}, nats (sum {float(kl.sum()):.3g})")
-        shown, on_device = [p for p in eval_prompts for _ in seeds], images.to(accelerator.device)
-        numbers = {"eval/kl": float(kl.sum()), "eval/reward": float(reward(on_device, shown).float().mean())}
-        numbers.update({f"eval/{name}": float(r(on_device, shown).float().mean()) for name, r in held_out.items()})
+        shown = [p for p in eval_prompts for _ in seeds]
+        numbers = {"eval/kl": float(kl.sum())}
+        numbers.update({f"eval/{name}": float(_scores(r, images, shown, accelerator.device).mean())
+                        for name, r in {"reward": reward, **held_out}.items()})
         for tracker in accelerator.trackers:  # [N, H, W, 3] arrays; tensorboard must be told (its default is NCHW)
             if hasattr(tracker, "log_images"):
                 tracker.log_images({"eval": images.permute(0, 2, 3, 1).numpy(), "kl_profile": _png_array(profile)}, step=step,

@@ -117,8 +117,8 @@ def save_curves(history: list[dict], path: str, reference: dict | None = None, s
     canvas.save(_ready(path))
 
 
-def save_kl_profile(per_step: list[float], path: str, title: str = "", reference: list[float] | None = None) -> None:
-    """Bars of the KL paid at each sampling step (nats), the optimum's beside them where known."""
+def save_kl_profile(per_step: list[float], path: str, title: str = "") -> None:
+    """Bars of the KL paid at each sampling step, nats."""
     from PIL import Image, ImageDraw
 
     n = len(per_step)
@@ -128,15 +128,12 @@ def save_kl_profile(per_step: list[float], path: str, title: str = "", reference
     x0, x1, y0, y1 = left, w - 10, 24, h - bottom
     draw.rectangle([x0, y0, x1, y1], outline="black")
     draw.text((x0, 4), title or f"KL per sampling step, nats (sum {sum(per_step):.3g})", fill="black")
-    top = max([*per_step, *(reference or []), 1e-9])
+    top = max([*per_step, 1e-9])
     draw.text((2, y0), f"{top:.3g}", fill="black")
     draw.text((2, y1 - 12), "0", fill="black")
     width = (x1 - x0) / max(n, 1)
     for k, v in enumerate(per_step):
-        bar = (x0 + k * width + 2, y1 - (y1 - y0) * v / top, x0 + (k + 0.5 if reference else k + 1) * width - 1, y1)
-        draw.rectangle(bar, fill="royalblue")
-        if reference:
-            draw.rectangle((bar[2] + 1, y1 - (y1 - y0) * reference[k] / top, x0 + (k + 1) * width - 1, y1), fill="crimson")
+        draw.rectangle((x0 + k * width + 2, y1 - (y1 - y0) * v / top, x0 + (k + 1) * width - 1, y1), fill="royalblue")
         if n <= 30 or k % 5 == 0:
             draw.text((x0 + k * width + 2, y1 + 4), str(k), fill="black")
     draw.text(((x0 + x1) // 2 - 60, y1 + 20), "sampling step (0 = pure noise)", fill="black")

@@ -208,8 +208,9 @@ def test_eval_grids_are_written_before_during_and_after(tmp_path):
 
     train(_smoke(tmp_path, "optim.steps=4", "logging.eval_every=2", "logging.eval_seeds=[0,1,2]",
                  "logging.eval_prompts=[a cat, a dog]"))
-    grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("step_*.png"))
     assert grids == ["step_000000.png", "step_000002.png", "step_000004.png"]
+    assert (tmp_path / "samples" / "before_after.png").is_file()  # step 0 next to the last grid
     width, height = Image.open(tmp_path / "samples" / "step_000000.png").size
     assert (width, height) == (170 + 3 * 128 + 4 * 2, 2 * 128 + 3 * 2)  # labels; 3 seeds × 2 prompts, 32 px → 128
 
