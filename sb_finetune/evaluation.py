@@ -16,7 +16,7 @@ import torch
 from .config import Config
 from .control import base_denoiser
 from .objective import tilted_optimum
-from .plots import save_curves, save_grid, save_kl_profile, side_by_side
+from .plots import save_grid, save_kl_profile, side_by_side
 from .rollout import path_log_ratio, rollout
 
 
@@ -233,12 +233,10 @@ class KLAlarm:
 
 
 def write_summary(accelerator, cfg: Config, fam, module, schedule, reward, prompts: list[str], when: str,
-                  extra: dict | None = None, history: list[dict] | None = None, held_out: dict | None = None,
-                  start: dict | None = None) -> dict | None:
+                  extra: dict | None = None, held_out: dict | None = None) -> dict | None:
     """With logging.summary_samples: numbers on fresh samples "before"/"after" training → summary.json (with the
     held-out rewards' means as eval/<name>), samples_<when>.png (the first 64, upscaled) and, after,
-    samples_before_after.png and curves.png (the optimum as each curve's reference; `start`: the step-0 evaluation).
-    Returns the optimum's numbers (None where off).
+    samples_before_after.png. Returns the optimum's numbers (None where off): the curves' reference.
 
     summary.json's "optimum" is what the best control reaches, p_base tilted by exp(R/alpha): from the base samples
     before training, then from the base and the trained samples together ("optimum_base_only" keeps the first);
@@ -269,8 +267,6 @@ def write_summary(accelerator, cfg: Config, fam, module, schedule, reward, promp
     if when == "after" and os.path.isfile(os.path.join(out, "samples_before.png")):
         side_by_side(os.path.join(out, "samples_before.png"), os.path.join(out, "samples_after.png"),
                      os.path.join(out, "samples_before_after.png"))
-    if history:
-        save_curves(history, os.path.join(out, "curves.png"), summary.get("optimum"), start)
     accelerator.print(f"summary ({when}): " + _fmt(numbers))
     if optimum:
         accelerator.print(f"optimum (from {optimum['estimated_from']}): " + _fmt(optimum))

@@ -226,9 +226,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     bar.close()
     if history:
         history[-1].update(evaluate(counters.step))
-    write_summary(accelerator, cfg, fam, module, schedule, reward, prompts, "after",
-                  {"steps": counters.step, "seconds": round(time.time() - started, 1), "peak_rss_mb": _peak_rss_mb()}, history,
-                  held_out, start)
+    optimum = write_summary(accelerator, cfg, fam, module, schedule, reward, prompts, "after",
+                            {"steps": counters.step, "seconds": round(time.time() - started, 1), "peak_rss_mb": _peak_rss_mb()},
+                            held_out) or optimum
+    if accelerator.is_main_process and history:
+        save_curves(history, os.path.join(out_dir, "curves.png"), optimum, start)
 
     # ---- the result: adapter + metadata + model card + resolved config; every rank holds the same control
     accelerator.wait_for_everyone()

@@ -41,6 +41,7 @@ def test_smoke_training_writes_a_diffusers_lora(tmp_path):
     assert any(v.abs().sum() > 0 for v in lora_b)  # trained: B moved off its zero init
     meta = json.loads((tmp_path / "sb_finetune.json").read_text())
     assert meta["family"] == "sd" and meta["base_model"] == "tiny:sd" and meta["alpha"] == 0.1
+    assert (tmp_path / "curves.png").is_file()  # without evaluations or a summary too
     saved = load_config(str(tmp_path / "config.yaml"))
     assert saved.objective.checkpointing is False  # auto, resolved: the tiny kit's latent is small
     for row in result["history"]:
