@@ -10,6 +10,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from sb_finetune.config import first_line
+
 ENTRY_POINT_GROUP = "sb_finetune.rewards"
 _REGISTRY: dict[str, Callable[..., "Reward"]] = {}
 
@@ -90,18 +92,14 @@ def _build(make: Callable[[], Reward], spec: str, kwargs: dict[str, Any]) -> Rew
                                    f"(reward.kwargs: {kwargs})") from None
         if missing:
             raise RewardBuildError(f"reward '{spec}' needs {missing.group(1)}: set reward.kwargs.NAME=VALUE") from None
-        raise RewardBuildError(f"reward '{spec}' could not be built with reward.kwargs {kwargs}: {_line(err)}") from None
+        raise RewardBuildError(f"reward '{spec}' could not be built with reward.kwargs {kwargs}: {first_line(err)}") from None
     except Exception as err:  # the constructor's own failure (a missing file, a download, a bad value)
-        said = _line(err)
+        said = first_line(err)
         if f"reward '{spec}'" in said:  # already one line naming the reward (the built-ins' own errors)
             raise
         if isinstance(err, FileNotFoundError):  # stays one: callers tell a missing file from a wrong argument
             raise FileNotFoundError(f"reward '{spec}': {said}") from None
         raise RewardBuildError(f"reward '{spec}' failed to build: {type(err).__name__}: {said}") from None
-
-
-def _line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [""])[0]
 
 
 def load_reward(spec: str, **kwargs: Any) -> Reward:

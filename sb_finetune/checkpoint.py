@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 
+from .config import first_line
 from .control import ADAPTER_FILE
 
 STATE_FILE = "trainer_state.json"
@@ -92,7 +93,7 @@ def problem(folder: str, process_index: int) -> str | None:
         try:
             _read(path)
         except Exception as err:  # noqa: BLE001 (any parse failure makes the checkpoint unusable)
-            return f"{name} is unreadable ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:120]})"
+            return f"{name} is unreadable ({type(err).__name__}: {first_line(err)[:120]})"
     return None
 
 

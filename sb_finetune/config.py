@@ -247,7 +247,7 @@ def resolve_config(spec: str | None = None, overrides: list[str] | tuple[str, ..
         cfg: Config = OmegaConf.to_object(conf)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"config key '{key}': {_first_line(err)}") from None
+        raise ConfigError(f"config key '{key}': {first_line(err)}") from None
     _validate(cfg)
     return Resolved(cfg, sources, notes, path)
 
@@ -290,8 +290,9 @@ def describe(resolved: Resolved) -> str:
     return "\n".join(lines)
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0]
+def first_line(err: Exception) -> str:
+    """An error's first line (its one-line account: our messages, and the user-facing part of others')."""
+    return (str(err).strip().splitlines() or [""])[0]
 
 
 def _validate(cfg: Config) -> None:

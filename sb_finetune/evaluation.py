@@ -175,8 +175,8 @@ def make_evaluator(accelerator, cfg: Config, fam, module, schedule, prompts: lis
         first = os.path.join(cfg.output.dir, "samples", "step_000000.png")
         if step and os.path.isfile(first):  # the grid as it started next to this one
             side_by_side(first, grid, os.path.join(cfg.output.dir, "samples", "before_after.png"), ("step 0", f"step {step}"))
-        profile = os.path.join(cfg.output.dir, "kl_profile.png")
-        save_kl_profile(kl.tolist(), profile, f"KL per sampling step at step {step}, nats (sum {float(kl.sum()):.3g})")
+        profile = save_kl_profile(kl.tolist(), os.path.join(cfg.output.dir, "kl_profile.png"),
+                                  f"KL per sampling step at step {step}, nats (sum {float(kl.sum()):.3g})")
         shown = [p for p in eval_prompts for _ in seeds]
         numbers = {"eval/kl": float(kl.sum())}
         numbers.update({f"eval/{name}": float(_scores(r, images, shown, accelerator.device).mean())
@@ -192,12 +192,11 @@ def make_evaluator(accelerator, cfg: Config, fam, module, schedule, prompts: lis
     return evaluate
 
 
-def _png_array(path: str):
-    """A PNG as a [1, H, W, 3] float array in [0, 1], as trackers' log_images takes it."""
+def _png_array(picture):
+    """A PIL picture as a [1, H, W, 3] float array in [0, 1], as trackers' log_images takes it."""
     import numpy as np
-    from PIL import Image
 
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)[None] / 255.0
+    return np.asarray(picture.convert("RGB"), dtype=np.float32)[None] / 255.0
 
 
 def load_held_out(names: list[str], device) -> dict:

@@ -117,8 +117,8 @@ def save_curves(history: list[dict], path: str, reference: dict | None = None, s
     canvas.save(_ready(path))
 
 
-def save_kl_profile(per_step: list[float], path: str, title: str = "") -> None:
-    """Bars of the KL paid at each sampling step, nats."""
+def save_kl_profile(per_step: list[float], path: str, title: str = ""):
+    """Bars of the KL paid at each sampling step, nats; returns the picture (PIL) it saved."""
     from PIL import Image, ImageDraw
 
     n = len(per_step)
@@ -138,3 +138,4 @@ def save_kl_profile(per_step: list[float], path: str, title: str = "") -> None:
             draw.text((x0 + k * width + 2, y1 + 4), str(k), fill="black")
     draw.text(((x0 + x1) // 2 - 60, y1 + 20), "sampling step (0 = pure noise)", fill="black")
     canvas.save(_ready(path))
+    return canvas

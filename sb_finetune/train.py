@@ -14,7 +14,7 @@ import argparse
 import faulthandler
 import sys
 
-from .config import ConfigError, builtin_configs, describe, resolve_config
+from .config import ConfigError, builtin_configs, describe, first_line, resolve_config
 
 DEFAULT_CONFIG = "digits"  # the built-in default: the shipped digits DDPM and classifier
 
@@ -67,14 +67,13 @@ def _lost_peer(err: Exception, cfg) -> str | None:
     """A failed collective said as what it means for the user (the backend's own words in brackets), else None."""
     import torch.distributed as dist
 
-    said = (str(err).strip().splitlines() or [""])[0]
+    said = first_line(err)
     backend = any(word in said for word in ("gloo", "NCCL", "c10d", "Connection closed", "Connection reset"))
     if not (dist.is_available() and dist.is_initialized() and (isinstance(err, dist.DistError) or backend)):
         return None
     return (f"another process died, hung or was stopped: a collective failed or waited past distributed.timeout_s="
             f"{cfg.distributed.timeout_s} s ({said}). Complete checkpoints under {cfg.output.dir}/checkpoints are kept: "
             f"`--resume latest` continues from the newest")
-
 
 
 def cli() -> None:
