@@ -7,7 +7,8 @@ each backpropagated on its own after the lean adjoint's N vector–Jacobian prod
 
 Each row runs in a fresh process (torch tensors are invisible to tracemalloc; ru_maxrss is a peak, so
 one measurement per process). Peak = max RSS during the step − RSS before it. Floor = the time of the
-bare denoiser forward calls the step makes (policy + base at each of the N steps), so step/floor says
+bare denoiser forward calls the step makes (policy + base at each of the N steps; in one paired call where the
+trainer's default makes them so: `control.paired_denoiser`), so step/floor says
 what the engine costs beyond the model; a backward through K steps adds roughly 2K forwards' worth.
 """
 
@@ -24,12 +25,13 @@ import time
 def child(n: int, k: int, ckpt: bool, batch: int, estimator: str = "pathwise", latent: int = 16) -> dict:
     import torch
 
-    from sb_finetune.control import add_lora_control, base_denoiser
+    from sb_finetune.control import add_lora_control, base_denoiser, paired_denoiser
     from sb_finetune.estimators import Task
     from sb_finetune.estimators.adjoint import AdjointMatching
     from sb_finetune.estimators.pathwise import Pathwise
     from sb_finetune.families import family_of
     from sb_finetune.testing import tiny_sd_pipeline
+    from sb_finetune.trainer import auto_paired_calls
 
     torch.manual_seed(0)
     fam = family_of(tiny_sd_pipeline())
@@ -38,15 +40,18 @@ def child(n: int, k: int, ckpt: bool, batch: int, estimator: str = "pathwise", l
     cond = fam.encode(["a photo of a cat"] * batch, batch)
     policy = fam.denoiser(unet, cond)
     base = base_denoiser(policy, unet)
+    size = (2 * latent, 2 * latent)  # the kit's VAE: 2 pixels a latent
+    # policy and base in one call where the trainer's default (objective.paired_calls=null) makes them so
+    both = paired_denoiser(fam.denoiser(unet, cond.repeat(2)), unet) if auto_paired_calls(fam, batch, size, 1) else None
     schedule = fam.schedule(n)
-    x = torch.randn(fam.latent_shape(batch, 2 * latent, 2 * latent))  # the kit's VAE: 2 pixels a latent
+    x = torch.randn(fam.latent_shape(batch, *size))
     with torch.no_grad():  # warm-up, so allocator and kernels are set before measuring
         policy(x, schedule.timesteps[0])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     make = AdjointMatching(k) if estimator == "adjoint" else Pathwise(k, ckpt)
     reward = lambda latents: fam.decode(latents).mean(dim=(1, 2, 3))  # noqa: E731
-    est = make(Task(policy, base, schedule, x, reward, 1.0, generator=torch.Generator().manual_seed(0)))
+    est = make(Task(policy, base, schedule, x, reward, 1.0, generator=torch.Generator().manual_seed(0), both=both))
     est.backward()
     step = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
@@ -54,8 +59,11 @@ def child(n: int, k: int, ckpt: bool, batch: int, estimator: str = "pathwise", l
     with torch.no_grad():
         t0 = time.perf_counter()
         for t in schedule.timesteps:
-            policy(x, t)
-            base(x, t)
+            if both is not None:
+                both(x, t)
+            else:
+                policy(x, t)
+                base(x, t)
         floor = time.perf_counter() - t0
     return {"estimator": estimator, "N": n, "K": k, "checkpoint": ckpt, "peak_mb": peak / 1024, "step_s": step, "floor_s": floor,
             "ratio": step / floor}

@@ -7,8 +7,9 @@ The harness's settings on both sides (its README): its tiny SD (`tiny_sd.py`, se
 memory), 20 DDIM steps, eta 1, CFG 5, 2 images a step, "a photo of a cat", LoRA r 4 / alpha 4 on to_q/k/v/out.0, fp32,
 mean brightness, AdamW lr 1e-3 (weight decay 1e-4), clip 1, one torch thread, one fresh process per row. Ours runs
 `train.py --config configs/base.yaml` with those overrides (printed per row); everything else is our default, so the
-rows show what a user gets: `objective.kl_log_steps` (2 base calls before the window for the logged KL) and
-`objective.checkpointing=null` (auto: off at latent 16, on at latent 64). Step time: the median of steps 3..10 (ours:
+rows show what a user gets: `objective.kl_log_steps` (2 base calls before the window for the logged KL),
+`objective.checkpointing=null` (auto: off at latent 16, on at latent 64) and `objective.paired_calls=null` (auto: policy
+and base in one call at latent 16, apart at latent 64). Step time: the median of steps 3..10 (ours:
 history.json's `step_time`; the peer: its harness's clean steps after 2 warm-ups). Step-extra memory: peak RSS −
 RSS before the first step, one optimizer step in a fresh process (ours: history.json's `peak_mem_mb` −
 `setup_mem_mb`). Each process waits for a quiet CPU first; "other %" is the CPU share other processes took while it
@@ -135,8 +136,8 @@ def table(timing: dict, memory: dict) -> str:
     """The rows as ratios to AlignProp at the same K (timing at latent 16, step-extra memory at latent 64)."""
     peer = {r["k"]: r for r in timing.values() if r["config"] in PEER}
     peer_mem = {r["k"]: r for r in memory.values() if r["config"] in PEER}
-    out = ["| config | checkpointing | s/step (latent 16) | ours / AlignProp | step-extra MB (latent 64) | ours / AlignProp "
-           "| other % (time / memory) |", "|---|---|---|---|---|---|---|"]
+    out = ["| config | checkpointing | s/step (latent 16) | ours / AlignProp | round by round | step-extra MB (latent 64) "
+           "| ours / AlignProp | other % (time / memory) |", "|---|---|---|---|---|---|---|---|"]
     for name in [*PEER, *PEER_MALLOC, *OURS]:
         t, m = timing.get(name), memory.get(name)
         if not t and not m:
@@ -147,6 +148,9 @@ def table(timing: dict, memory: dict) -> str:
         for row, ref, key, fmt in ((t, peer.get(k), "step_s", ".3f"), (m, peer_mem.get(k), "extra_mb", ".0f")):
             cells.append(format(row[key], fmt) if row else "—")
             cells.append(f"{row[key] / ref[key]:.2f}" if row and ref and name in OURS else "—")
+            if key == "step_s":  # each round's ratio to the peer's run of the same round: the host's drift cancels
+                pairs = list(zip(t.get("rounds", []), ref.get("rounds", []))) if t and ref and name in OURS else []
+                cells.append(", ".join(f"{a / b:.2f}" for a, b in pairs) or "—")
         cells.append(" / ".join(f"{100 * r['others']:.0f}" if r else "—" for r in (t, m)))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -158,7 +162,8 @@ def main() -> None:
     ap.add_argument("--peer-python", help="the harness venv's python ($ANCHORS_VENV/bin/python): run the peer too")
     ap.add_argument("--peer-json", help="instead, the peer's rows from an earlier run of this script (--json)")
     ap.add_argument("--rows", nargs="+", default=None, help=f"our rows (default all: {', '.join(OURS)})")
-    ap.add_argument("--rounds", type=int, default=1, help="timing rounds, peer and ours alternating; each row keeps its fastest (noise only adds time)")
+    ap.add_argument("--rounds", type=int, default=1, help="timing rounds, peer and ours alternating; each row keeps its "
+                    "fastest (noise only adds time), and the table shows each round's ratio too")
     ap.add_argument("--steps", type=int, default=10, help="optimizer steps per timed run (median of 3..steps)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--max-wait", type=float, default=60, help="seconds to wait for a quiet CPU before each process")

@@ -57,6 +57,7 @@ class ObjectiveConfig:
     kl_grad: str = "window"  # window | all: also the KL terms before the window (local backward)
     kl_log_steps: Optional[int] = 2  # kl_grad=window: steps before the window whose KL is logged (stratified, unbiased); None = all
     checkpointing: Optional[bool] = None  # activation checkpointing per model call in the window; None = auto (large latents)
+    paired_calls: Optional[bool] = None  # policy and base in one model call of twice the batch; None = auto (small calls)
 
 
 @dataclass

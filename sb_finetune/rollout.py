@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .sde import Schedule, step_kl, transition_mean
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+PairedDenoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_k, t_k) → (policy's, base's prediction)
 WindowSpec = int | tuple[int, int] | None
 
 
@@ -58,20 +59,26 @@ def draw_window(spec: WindowSpec, num_steps: int, generator: torch.Generator | N
     return int(torch.randint(lo, hi + 1, (1,), generator=generator, device=device))
 
 
-def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True
-          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True,
+          both: PairedDenoiser | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One transition x_k → x_{k+1} under the policy; KL_k to the base at the same x_k; the pathwise log-ratio
-    (`step_log_ratio`, detached); and the transition's mean μ_k."""
+    (`step_log_ratio`, detached); and the transition's mean μ_k. `both`, if given, makes the two predictions in one
+    call."""
     t = schedule.timesteps[k]
     std = float(schedule.std[k])
     no_kl = x.new_zeros(x.shape[0])
     if not bool(schedule.controlled[k]):  # deterministic or steep step: the base's, uncontrolled, no KL
         mean = transition_mean(schedule, k, x, base(x, t))
         return mean + std * z, no_kl, no_kl, mean
-    mean = transition_mean(schedule, k, x, policy(x, t))
     if policy is base or not compute_kl:
+        mean = transition_mean(schedule, k, x, policy(x, t))
         return mean + std * z, no_kl, no_kl, mean
-    mean_base = transition_mean(schedule, k, x, base(x, t))
+    if both is not None:
+        pred, pred_base = both(x, t)
+        mean, mean_base = transition_mean(schedule, k, x, pred), transition_mean(schedule, k, x, pred_base)
+    else:
+        mean = transition_mean(schedule, k, x, policy(x, t))
+        mean_base = transition_mean(schedule, k, x, base(x, t))
     kl = step_kl(mean, mean_base, std)
     return mean + std * z, kl, step_log_ratio(kl, mean, mean_base, z, std), mean
 
@@ -100,6 +107,7 @@ def rollout(
     on_step: Callable[[int, Tensor], Tensor | None] | None = None,
     compute_kl: bool = True,
     kl_sample: int | None = None,
+    both: PairedDenoiser | None = None,
 ) -> Rollout:
     """Run the N-step controlled chain from the start noise `x`.
 
@@ -124,6 +132,9 @@ def rollout(
         each (from `generator`, after the chain, so its noise is the same either way), its KL and log-ratio scaled by
         its run's length (stratified Horvitz–Thompson), so Σ_k KL_k stays an unbiased estimate of the path KL for m
         base calls instead of n_before. None: every step (exact).
+    both: the policy's and the base's predictions at one state in one model call (`control.paired_denoiser`, made for
+        this `policy` and `base`): used wherever a step needs both; alone they are called apart. Ignored when `policy`
+        is `base`.
     """
     n = schedule.num_steps
     controlled = [k for k in range(n) if bool(schedule.controlled[k])]
@@ -140,13 +151,15 @@ def rollout(
     log_ratios: list[Tensor] = []
     trajectory = [x.detach()] if return_trajectory else None
     means: list[Tensor] | None = [] if return_means else None
-    # checkpointing: each model call on its own, so the backward recomputes the policy's and the base's activations
-    # one after the other (peak: one call's), keeping only the states and predictions of the window
+    both = None if policy is base else both
+    # checkpointing: each model call on its own (the paired call as one), so the backward recomputes one call at a
+    # time, keeping only the states and predictions of the window
     if checkpoint:
         wrapped = _checkpointed(policy)
-        window_step = functools.partial(_step, wrapped, wrapped if base is policy else _checkpointed(base))
+        window_step = functools.partial(_step, wrapped, wrapped if base is policy else _checkpointed(base),
+                                        both=None if both is None else _checkpointed(both))
     else:
-        window_step = functools.partial(_step, policy, base)
+        window_step = functools.partial(_step, policy, base, both=both)
     for k in range(n):
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         if k >= start:
@@ -155,7 +168,8 @@ def rollout(
             keep_local = local() if local is not None and kl_backward is not None and k_window > 0 else nullcontext()
             with keep_local, torch.set_grad_enabled(kl_backward is not None):
                 x_k = x.detach()
-                x, kl, log_ratio, mean = _step(policy, base, schedule, k, x_k, z, compute_kl=compute_kl and not defer)
+                x, kl, log_ratio, mean = _step(policy, base, schedule, k, x_k, z, compute_kl=compute_kl and not defer,
+                                               both=both)
                 if kl.requires_grad:  # deterministic steps carry no KL and no graph
                     kl_backward(kl)
             x, kl = x.detach(), kl.detach()
@@ -185,10 +199,10 @@ def rollout(
     return Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1), means, kl_steps)
 
 
-def _checkpointed(denoiser: Denoiser) -> Denoiser:
+def _checkpointed(denoiser: Callable) -> Callable:
     """The denoiser under activation checkpointing (non-reentrant): its activations are recomputed in the backward."""
 
-    def call(x: Tensor, t: Tensor) -> Tensor:
+    def call(x: Tensor, t: Tensor):
         return _checkpoint(denoiser, x, t, use_reentrant=False)
 
     return call

@@ -13,7 +13,8 @@ import torch
 
 from . import checkpoint
 from .config import Config, to_yaml
-from .control import add_lora_control, base_denoiser, load_lora_control, lora_state_dict, save_lora_control
+from .control import (add_lora_control, base_denoiser, load_lora_control, lora_state_dict, paired_denoiser,
+                      save_lora_control)
 from .data import DTYPES, load_pipeline, load_prompts
 from .estimators import DIFFERENTIABLE_ONLY, Task, make_estimator
 from .evaluation import KLAlarm, load_held_out, make_evaluator, write_summary
@@ -27,6 +28,13 @@ MAX_BAD_REWARD_STEPS = 3  # a reward that is non-finite this often in a row is b
 # objective.checkpointing=null turns checkpointing on from this many latent elements a sample (4·32·32: SD at 256 px):
 # there a window step's activations outweigh the recompute (benchmarks/side_by_side.py); tiny kits and digits stay off
 AUTO_CHECKPOINT_LATENT = 4096
+# objective.paired_calls=null makes the policy's and the base's predictions in one call where a call is this small
+# (latent elements over its rows, CFG's copies included): there the call's fixed cost dominates, and one call of 2B
+# rows costs less than two of B (the harness's tiny SD at latent 16, 4 rows = 4,096: a K = 20 step 20 % faster). Above
+# it a call is compute-bound: on 2 CPU cores the digits default's 32 rows × 256 = 8,192 ran 15 % slower paired (2×
+# with the trainer's 1 MiB mmap threshold, its blocks then mapped fresh), and a paired checkpointed recompute holds
+# twice the activations
+AUTO_PAIRED_CALL = 4096
 
 
 class Counters:
@@ -54,6 +62,11 @@ def build_reward(cfg: Config):
 def auto_checkpointing(fam, size: tuple[int, int] | None) -> bool:
     """`objective.checkpointing=null`: on where a window step's activations, not the weights, decide the memory."""
     return math.prod(fam.latent_shape(1, *(size or ()))) >= AUTO_CHECKPOINT_LATENT
+
+
+def auto_paired_calls(fam, batch: int, size: tuple[int, int] | None, cfg_copies: int) -> bool:
+    """`objective.paired_calls=null`: one call for policy and base where a call is small (`AUTO_PAIRED_CALL`)."""
+    return math.prod(fam.latent_shape(batch * cfg_copies, *(size or ()))) <= AUTO_PAIRED_CALL
 
 
 def score(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -110,6 +123,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                          f"mean and pays no KL), so training would change nothing: use sampler.steps >= 2 and eta > 0")
     if cfg.objective.checkpointing is None:  # auto; the resolved value is what config.yaml keeps
         cfg.objective.checkpointing = auto_checkpointing(fam, size)
+    if cfg.objective.paired_calls is None:  # the batch one process's model call sees: CFG doubles it
+        cfg.objective.paired_calls = auto_paired_calls(fam, cfg.optim.batch_size, size, 2 if cfg.sampler.guidance_scale > 1 else 1)
     module = fam.module
     params = add_lora_control(module, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
     for part in pipe.components.values():  # every frozen network: VAE, text encoders (CLIP, T5, Qwen2.5-VL, …)
@@ -179,9 +194,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 cond = fam.encode(batch_prompts, b, cfg.sampler.guidance_scale, cfg.sampler.negative_prompt or None, size)
                 policy = fam.denoiser(ddp_module, cond, DTYPES[cfg.model.dtype])
                 base = base_denoiser(fam.denoiser(module, cond, DTYPES[cfg.model.dtype]), module)
+                both = (paired_denoiser(fam.denoiser(ddp_module, cond.repeat(2), DTYPES[cfg.model.dtype]), module)
+                        if cfg.objective.paired_calls else None)
                 x0 = fam.start_noise(fam.latent_shape(b, *(size or ())), g, accelerator.device)
                 task = Task(policy, base, schedule, x0, lambda x: score(reward, fam.decode(x), batch_prompts),
-                            cfg.objective.alpha, g, shared, accelerator.backward, local, groups)
+                            cfg.objective.alpha, g, shared, accelerator.backward, local, groups, both)
                 with accelerator.autocast():
                     est = estimator(task)
                     seen = non_finite_message(est.reward, reward.name, getattr(reward, "last_error", None))

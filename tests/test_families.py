@@ -190,3 +190,54 @@ def test_qwenimage_trains_and_its_adapter_loads_in_the_stock_pipeline(tmp_path):
     before = stock(**kw, generator=torch.Generator().manual_seed(0)).images
     stock.load_lora_weights(str(tmp_path))
     assert (stock(**kw, generator=torch.Generator().manual_seed(0)).images - before).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kit", ["sd", "flux", "qwenimage", "ddpm"])
+def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit):
+    """`paired_denoiser`: one call on [x; x] with the adapter masked off the second copy gives the policy's and the
+    base's predictions as two calls do, and the same gradients to the state and the adapter; through a checkpointed
+    rollout window too. (sd: CFG's [uncond; cond] doubling; qwenimage: its true CFG's two calls; flux: tokens.)"""
+    from sb_finetune.control import base_denoiser, paired_denoiser
+
+    fam = family_of(TINY_PIPELINES[kit]())
+    params = add_lora_control(fam.module, rank=4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in params:  # a control far from zero, so that policy and base differ
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    cond = fam.encode(PROMPTS if fam.conditional else None, 2, 4.0, "blurry" if kit == "qwenimage" else None)
+    policy = fam.denoiser(fam.module, cond)
+    base, both = base_denoiser(policy, fam.module), paired_denoiser(fam.denoiser(fam.module, cond.repeat(2)), fam.module)
+    schedule = fam.schedule(3)
+    x = fam.start_noise(fam.latent_shape(2), g, "cpu").requires_grad_(True)
+    t = schedule.timesteps[1]
+    apart, together = (policy(x, t), base(x, t)), both(x, t)
+    assert (apart[0] - apart[1]).abs().max() > 1e-2
+    for a, b in zip(apart, together):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    grads = [torch.autograd.grad((1.3 * p + 0.7 * q).square().sum(), [x, *params]) for p, q in (apart, together)]
+    for a, b in zip(*grads):
+        assert a.norm() > 0 and (a - b).norm() < 1e-4 * a.norm(), (a - b).norm() / a.norm()
+
+    def window(pair):  # a whole-chain window through both predictions, checkpointed
+        out = rollout(policy, base, schedule, x.detach(), window=schedule.num_steps, checkpoint=True, both=pair,
+                      generator=torch.Generator().manual_seed(5))
+        loss = out.kl.sum() - out.x.square().mean()
+        return out.kl.detach(), torch.autograd.grad(loss, params)
+
+    (kl_apart, g_apart), (kl_together, g_together) = window(None), window(both)
+    assert kl_apart.sum() > 1e-3 and torch.allclose(kl_apart, kl_together, rtol=1e-3, atol=1e-6)
+    for a, b in zip(g_apart, g_together):
+        assert a.norm() > 0 and (a - b).norm() < 1e-4 * a.norm(), (a - b).norm() / a.norm()
+
+
+def test_a_paired_call_is_not_offered_where_masking_would_not_give_the_base():
+    """DoRA rescales the whole weight, not the adapter's output alone: there the trainer calls policy and base apart."""
+    from peft import LoraConfig
+
+    from sb_finetune.control import attach_adapter, paired_denoiser
+
+    fam = family_of(TINY_PIPELINES["sd"]())
+    fam.module.requires_grad_(False)
+    attach_adapter(fam.module, LoraConfig(r=2, target_modules=["to_q"], use_dora=True))
+    assert paired_denoiser(fam.denoiser(fam.module, fam.encode(PROMPTS, 2).repeat(2)), fam.module) is None

@@ -295,6 +295,37 @@ def test_checkpointing_turns_itself_on_for_large_latents():
     assert auto_checkpointing(fam, (side, side)) and not auto_checkpointing(fam, (side - 2, side - 2))
 
 
+def test_paired_calls_train_as_two_calls_do_and_turn_themselves_on_for_small_calls(tmp_path):
+    """objective.paired_calls: policy and base in one call of the DDP-wrapped module with the conditioning doubled
+    (CFG on) gives the same losses, KL and adapter as two calls; null resolves by the call's size, and config.yaml
+    keeps what it resolved to."""
+    from sb_finetune.families import family_of
+    from sb_finetune.testing import tiny_sd_pipeline
+    from sb_finetune.trainer import AUTO_PAIRED_CALL, auto_paired_calls, train
+
+    runs = {}
+    for paired in ("true", "false"):
+        out = tmp_path / paired
+        runs[paired] = train(_smoke(out, "optim.steps=2", "optim.lr=1e-2", "sampler.guidance_scale=4.0",
+                                    "objective.window_min=6", f"objective.paired_calls={paired}"))
+        assert f"paired_calls: {paired}" in (out / "config.yaml").read_text()
+    for key in ("loss", "kl", "objective", "grad_norm"):
+        a, b = ([h[key] for h in runs[p]["history"]] for p in ("true", "false"))
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
+    for k, v in runs["true"]["lora"].items():  # Adam's first steps are ±lr wherever a gradient is nonzero, so
+        # rounding flips a few of the near-zero ones: compare the whole tensor
+        assert (v - runs["false"]["lora"][k]).norm() <= 1e-2 * v.norm(), (k, (v - runs["false"]["lora"][k]).norm() / v.norm())
+    assert any(v.abs().sum() > 0 for k, v in runs["true"]["lora"].items() if "lora_B" in k or "lora.up" in k)
+
+    fam = family_of(tiny_sd_pipeline(), "auto")
+    per_sample = math.prod(fam.latent_shape(1))  # the kit's 32 px: 4·16·16
+    rows = AUTO_PAIRED_CALL // per_sample
+    assert auto_paired_calls(fam, rows, None, 1) and auto_paired_calls(fam, rows // 2, None, 2)
+    assert not auto_paired_calls(fam, rows + 1, None, 1) and not auto_paired_calls(fam, rows, None, 2)
+    train(_smoke(tmp_path / "auto", "optim.steps=1"))
+    assert "paired_calls: true" in (tmp_path / "auto" / "config.yaml").read_text()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc")
 def test_freed_activations_go_back_to_the_system():
     """glibc keeps a large block freed twice (its threshold rises to the first one's size), so a training step's

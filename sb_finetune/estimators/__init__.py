@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..objective import is_finite
-from ..rollout import Denoiser
+from ..rollout import Denoiser, PairedDenoiser
 from ..sde import Schedule
 
 ESTIMATORS = ("pathwise", "adjoint", "weighted", "policy_gradient")
@@ -48,6 +48,7 @@ class Task:
     backward: Callable[[Tensor], None] = Tensor.backward  # accelerator.backward in the trainer
     local: Callable[[], ContextManager] = nullcontext  # DDP's no_sync: a backward whose all-reduce a later one does
     groups: Tensor | None = None  # [B] group ids (samples of one prompt, equal-sized); None: the batch is one group
+    both: PairedDenoiser | None = None  # policy and base in one model call (`control.paired_denoiser`), where made
 
     @property
     def controlled(self) -> list[int]:

@@ -28,7 +28,8 @@ class Pathwise:
         if self.kl_grad == "all":  # the steps before the window: one local backward each, reduced with the window's
             kl_backward = lambda kl: task.backward(task.alpha * kl.mean())  # noqa: E731
         out = rollout(task.policy, task.base, task.schedule, task.x0, window=k_window, generator=task.generator,
-                      checkpoint=self.checkpoint, kl_backward=kl_backward, local=task.local, kl_sample=self.kl_log_steps)
+                      checkpoint=self.checkpoint, kl_backward=kl_backward, local=task.local, kl_sample=self.kl_log_steps,
+                      both=task.both)
         r = task.reward(out.x)
         parts = soc_loss(r, out.kl, task.alpha, out.window)
 

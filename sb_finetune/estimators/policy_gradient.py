@@ -59,7 +59,7 @@ class PolicyGradient:
         s, alpha = task.schedule, task.alpha
         with torch.no_grad():
             out = rollout(task.policy, task.base, s, task.x0, window=0, generator=task.generator, return_trajectory=True,
-                          return_means=True)
+                          return_means=True, both=task.both)
             r = task.reward(out.x).detach().float()
         cost = cost_to_go(out.kl.float(), r, alpha)
         advantage = cost - leave_one_out_baseline(cost, task.groups)

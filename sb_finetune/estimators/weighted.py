@@ -103,7 +103,7 @@ class WeightedRegression:
         s, alpha = task.schedule, task.alpha
         with torch.no_grad():  # the behaviour: the current control, its log-ratio to the base, the reward (no ∇R)
             out = rollout(task.policy, task.base, s, task.x0, window=0, generator=task.generator,
-                          return_trajectory=self.target == "path", return_means=self.target == "path")
+                          return_trajectory=self.target == "path", return_means=self.target == "path", both=task.both)
             r = task.reward(out.x).detach()
         log_base = -out.log_ratio.sum(1)  # log dP_base/dP_θ of each path
         log_w = r.float() / alpha + log_base

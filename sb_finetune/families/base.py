@@ -21,12 +21,21 @@ from ..sde import Schedule, make_schedule
 
 @dataclass
 class Conditioning:
-    """Per-sample conditioning; `uncond` set when classifier-free guidance is on (scale > 1)."""
+    """Per-sample conditioning (every tensor batch-first, one row per sample); `uncond` set when classifier-free
+    guidance is on (scale > 1)."""
 
     cond: dict[str, Tensor] = field(default_factory=dict)
     uncond: dict[str, Tensor] | None = None
     guidance_scale: float = 1.0
     batch: int = 0
+
+    def repeat(self, n: int) -> "Conditioning":
+        """The batch n times over ([c; c; …]): for one call at n copies of the states (`control.paired_denoiser`)."""
+        def rep(d: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: torch.cat([v] * n) for k, v in d.items()}
+
+        return Conditioning(rep(self.cond), None if self.uncond is None else rep(self.uncond), self.guidance_scale,
+                            self.batch * n)
 
 
 class Family:
