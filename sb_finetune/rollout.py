@@ -151,7 +151,6 @@ def rollout(
     log_ratios: list[Tensor] = []
     trajectory = [x.detach()] if return_trajectory else None
     means: list[Tensor] | None = [] if return_means else None
-    both = None if policy is base else both
     # checkpointing: each model call on its own (the paired call as one), so the backward recomputes one call at a
     # time, keeping only the states and predictions of the window
     if checkpoint:
