@@ -17,6 +17,7 @@ and the gap split between the samples that end as the target digit and those tha
 Rows, by cause (each against `cosine`: the old default, 80 steps at lr 3e-3, with a cosine decay):
     (a) the chain       n10, n50: N = 10 / 50 sampling steps (default: 20)
     (b) the estimator   full_window (K = N always: the unbiased pathwise gradient), adjoint (Adjoint Matching),
+                        adjoint_reuse4 (each batch's adjoints regressed by 4 updates of 5 steps, 120 batches),
                         no_grad_clip
     (c) capacity        rank64_all: rank 64 on every conv and linear layer (full rank for this UNet: the upper bound)
     (d) optimisation    before (the old default: constant learning rate), steps240, batch96, batch16_steps160, lr1e-3,
@@ -24,7 +25,8 @@ Rows, by cause (each against `cosine`: the old default, 80 steps at lr 3e-3, wit
     together            rank64_all_steps240
     training noise      cosine_seed1, cosine_seed2: the same run from other seeds (how far apart two rows must be)
     default             the default config as it is now (cosine decay, 180 steps, checkpointing: under 2 GB), and
-                        default_7_alpha0.5: the same on another digit and alpha, untuned
+                        default_7_alpha0.5: the same on another digit and alpha, untuned; default_warmup20: the
+                        default with the rate ramped up over its first 20 steps (does the early KL overshoot matter?)
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ ROWS = {  # every row but `before` and `default` changes one thing against `cosi
     "rank64_all_steps240": ("together", [*COSINE, "control.rank=64", ALL_MODULES, "optim.steps=240"]),
     "default": ("the new default", []),
     "default_7_alpha0.5": ("the new default", ["reward.kwargs.target=7", "objective.alpha=0.5"]),
+    "default_warmup20": ("(d) optimisation", ["optim.warmup_steps=20"]),
+    "adjoint_reuse4": ("(b) estimator", ["objective.estimator=adjoint", "objective.adjoint_steps=5",
+                                         "optim.updates_per_batch=4", "optim.steps=120", "objective.checkpointing=false"]),
 }
 SAMPLES = 512
 

@@ -39,6 +39,9 @@ ROWS = {
                                                                          "optim.lr=1e-3", *DECISION]),
     "decision_weighted_k20_lr1e-3": ("weighted, decision reward, all 20 steps, lr 1e-3, 150 steps",
                                     ["objective.estimator=weighted", "optim.lr=1e-3", "optim.steps=150", *DECISION]),
+    "decision_weighted_reuse5": ("weighted, decision reward, each batch 5 updates of 4 steps, lr 1e-3, 90 batches",
+                                 ["objective.estimator=weighted", "objective.grad_steps=4", "optim.updates_per_batch=5",
+                                  "optim.lr=1e-3", "optim.steps=90", *DECISION]),
     "decision_policy_gradient": ("policy gradient, decision reward", ["objective.estimator=policy_gradient",
                                                                       "objective.grad_steps=4", *DECISION]),
 }

@@ -176,7 +176,7 @@ def fit_control(
     """Train `control` on the SOC objective with an estimator (default: pathwise with `window`); returns the
     objective per iteration. With `final_lr` the learning rate follows a cosine from `lr` down to `final_lr`;
     `costs` (a `sb_finetune.costs.Costs`) counts the model calls and reward queries; `updates` > 1 reuses each batch
-    of paths for that many optimizer steps (the reward-only estimators)."""
+    of paths for that many optimizer steps (the estimators that allow it: adjoint, weighted, policy_gradient)."""
     from .estimators import Task
     from .estimators.pathwise import Pathwise
 

@@ -86,7 +86,7 @@ class OptimConfig:
     batch_size: int = 2  # per device
     group_size: Optional[int] = None  # samples per prompt in a batch (weighted/policy_gradient compare within it); None: the batch is one group (one prompt)
     grad_accum: int = 1
-    updates_per_batch: int = 1  # weighted, policy_gradient: optimizer steps on each batch of paths (> 1: reuse it)
+    updates_per_batch: int = 1  # adjoint, weighted, policy_gradient: optimizer steps on each batch of paths (> 1: reuse it)
     max_grad_norm: float = 1.0  # 0 = no clipping
     mixed_precision: str = "no"  # no | fp16 | bf16 (the LoRA weights and optimizer stay fp32)
     seed: int = 0
@@ -337,9 +337,9 @@ def _validate(cfg: Config) -> None:
     if o.clip_ratio is not None and not 0 < o.clip_ratio < 1:
         raise ConfigError(f"config key 'objective.clip_ratio': PPO's ε in (0, 1), got {o.clip_ratio}")
     u = cfg.optim.updates_per_batch
-    if u < 1 or (u > 1 and o.estimator not in ("weighted", "policy_gradient")):
-        raise ConfigError(f"config key 'optim.updates_per_batch': >= 1, and > 1 only for objective.estimator=weighted or "
-                          f"policy_gradient (a gradient estimator's paths carry the graph of one update), got {u}")
+    if u < 1 or (u > 1 and o.estimator == "pathwise"):
+        raise ConfigError(f"config key 'optim.updates_per_batch': >= 1, and > 1 only for objective.estimator=adjoint, "
+                          f"weighted or policy_gradient (pathwise's paths carry the graph of one update), got {u}")
     if u > 1 and cfg.optim.grad_accum > 1:
         raise ConfigError("config keys 'optim.updates_per_batch' and 'optim.grad_accum': reuse a batch or accumulate "
                           "batches, not both")

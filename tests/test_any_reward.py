@@ -331,7 +331,7 @@ def test_a_batch_reused_for_several_updates_steps_the_schedule_per_update(tmp_pa
     # a linear decay over 2 steps × 3 updates: the second step starts at 1 − 3/6 of the rate
     assert [h["lr"] for h in out["history"]] == pytest.approx([1e-3, 0.5e-3])
     assert out["skipped"] == 0
-    for overrides, match in ((["optim.updates_per_batch=2"], "only for objective.estimator=weighted or policy_gradient"),
+    for overrides, match in ((["optim.updates_per_batch=2"], "only for objective.estimator=adjoint, weighted or policy_gradient"),
                              (["objective.estimator=weighted", "optim.updates_per_batch=2", "optim.grad_accum=2"], "not both"),
                              (["objective.clip_ratio=0.2"], "only for objective.estimator=policy_gradient")):
         with pytest.raises(ConfigError, match=match):

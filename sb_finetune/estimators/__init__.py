@@ -97,6 +97,28 @@ def group_index(groups: Tensor | None, batch: int, device=None) -> Tensor:
     return torch.argsort(groups, stable=True).to(device).view(len(sizes), -1)
 
 
+def draw_steps(n: int, k: int | None, generator: torch.Generator | None = None) -> list[int]:
+    """K of n indices, uniformly without replacement, ascending (all n when K is None or ≥ n)."""
+    if k is None or k >= n:
+        return list(range(n))
+    if k < 1:
+        raise ValueError(f"regressed steps: need K >= 1, got {k}")
+    device = generator.device if generator is not None else "cpu"
+    return sorted(torch.randperm(n, generator=generator, device=device)[:k].tolist())
+
+
+def steps_drawn(task: Task, k: int | None) -> int:
+    """How many controlled steps `backward_drawn` regresses: K, or all n when K is None or ≥ n."""
+    return min(k or len(task.controlled), len(task.controlled))
+
+
+def backward_drawn(task: Task, k: int | None, step_loss: Callable[[int], Tensor]) -> Tensor:
+    """`backward_each` on K controlled steps drawn afresh from the shared stream (every process the same) on each
+    call: a batch reused for several updates (`optim.updates_per_batch`) regresses new steps each time."""
+    controlled = task.controlled
+    return backward_each(task, [controlled[i] for i in draw_steps(len(controlled), k, task.shared)], step_loss)
+
+
 def backward_each(task: Task, steps: list[int], step_loss: Callable[[int], Tensor]) -> Tensor:
     """Backpropagate `step_loss(k)` for each of the steps on its own (memory: one model call's graph at a time), all
     but the last inside DDP's no_sync, so the processes all-reduce once, with the last. Returns the summed loss."""

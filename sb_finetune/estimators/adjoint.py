@@ -24,7 +24,9 @@ Uncontrolled steps (deterministic, or steep onto the data) carry the adjoint but
 Cost per batch: N policy calls without graph (the rollout), N base vector–Jacobian products (no parameter
 gradients, one step's graph at a time) and K policy calls with graph, each backpropagated on its own: memory is
 one model call's, whatever N and K. The K regressed steps are drawn without replacement from the controlled ones
-(the shared stream: every process the same) and weighted n/K, an unbiased estimate of the whole sum.
+(the shared stream: every process the same) and weighted n/K, an unbiased estimate of the whole sum. The target,
+the batch's lean adjoint, does not depend on θ, so a batch may serve several updates (`optim.updates_per_batch`), each
+on freshly drawn steps: the regression then moves the control most of the way to the batch's target for one rollout.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from ..rollout import Denoiser, rollout, step_log_ratio
 from ..sde import Schedule, step_kl, transition_mean
-from . import Estimate, Task, backward_each
+from . import Estimate, Task, backward_drawn, steps_drawn
 
 
 def lean_adjoint(base: Denoiser, schedule: Schedule, trajectory: list[Tensor], a_final: Tensor
@@ -54,16 +56,6 @@ def lean_adjoint(base: Denoiser, schedule: Schedule, trajectory: list[Tensor], a
                 (adjoints[k],) = torch.autograd.grad(mean, x, adjoints[k + 1])
         means[k] = mean.detach()
     return adjoints, means
-
-
-def draw_steps(n: int, k: int | None, generator: torch.Generator | None = None) -> list[int]:
-    """K of n indices, uniformly without replacement, ascending (all n when K is None or ≥ n)."""
-    if k is None or k >= n:
-        return list(range(n))
-    if k < 1:
-        raise ValueError(f"adjoint steps: need K >= 1, got {k}")
-    device = generator.device if generator is not None else "cpu"
-    return sorted(torch.randperm(n, generator=generator, device=device)[:k].tolist())
 
 
 class AdjointMatching:
@@ -91,8 +83,8 @@ class AdjointMatching:
             kls[k] = step_kl(out.means[k], base_means[k], std)
             log_ratios[k] = step_log_ratio(kls[k], out.means[k], base_means[k], (out.trajectory[k + 1] - out.means[k]) / std, std)
         controlled = task.controlled
-        chosen = [controlled[i] for i in draw_steps(len(controlled), self.steps, task.shared)]
-        weight = alpha / 2 * len(controlled) / max(len(chosen), 1)
+        k_steps = steps_drawn(task, self.steps)
+        weight = alpha / 2 * len(controlled) / max(k_steps, 1)
 
         def step_loss(k: int) -> Tensor:
             std, x = float(s.std[k]), out.trajectory[k]
@@ -100,9 +92,9 @@ class AdjointMatching:
             mean = transition_mean(s, k, x, task.policy(x, s.timesteps[k]))
             return weight * ((mean - target) / std).pow(2).flatten(1).sum(1).mean()
 
-        def backward() -> Tensor:
-            return backward_each(task, chosen, step_loss)
+        def backward() -> Tensor:  # a reused batch (its adjoints fixed) regresses new steps
+            return backward_drawn(task, self.steps, step_loss)
 
         adjoint_norm = torch.stack([a.flatten(1).norm(dim=1) for a in adjoints[1:]])  # [N, B]
-        return Estimate(r.detach(), torch.stack(kls, 1), torch.stack(log_ratios, 1), alpha, len(chosen), backward,
+        return Estimate(r.detach(), torch.stack(kls, 1), torch.stack(log_ratios, 1), alpha, k_steps, backward,
                         checks=(adjoint_norm,), extra={"adjoint_norm": float(adjoint_norm[-1].mean())})

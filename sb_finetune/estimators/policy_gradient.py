@@ -25,8 +25,7 @@ from torch import Tensor
 
 from ..rollout import rollout
 from ..sde import step_kl, transition_mean
-from . import Estimate, Task, backward_each, group_index
-from .adjoint import draw_steps
+from . import Estimate, Task, backward_drawn, group_index, steps_drawn
 
 
 def cost_to_go(kl: Tensor, reward: Tensor, alpha: float) -> Tensor:
@@ -64,7 +63,7 @@ class PolicyGradient:
         cost = cost_to_go(out.kl.float(), r, alpha)
         advantage = cost - leave_one_out_baseline(cost, task.groups)
         controlled = task.controlled
-        k_steps = min(self.steps or len(controlled), len(controlled))
+        k_steps = steps_drawn(task, self.steps)
         scale = len(controlled) / max(k_steps, 1)
 
         def step_loss(k: int) -> Tensor:
@@ -83,8 +82,7 @@ class PolicyGradient:
             return scale * (score + alpha * step_kl(mean, mean_base, std)).mean()
 
         def backward() -> Tensor:  # fresh steps on each call (a reused batch)
-            return backward_each(task, [controlled[i] for i in draw_steps(len(controlled), self.steps, task.shared)],
-                                 step_loss)
+            return backward_drawn(task, self.steps, step_loss)
 
         spread = advantage[:, controlled].std() if advantage.numel() > 1 else advantage.new_zeros(())
         return Estimate(r, out.kl.detach(), out.log_ratio, alpha, k_steps, backward, checks=(cost,),

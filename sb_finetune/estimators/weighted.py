@@ -45,8 +45,7 @@ from torch import Tensor
 
 from ..rollout import rollout
 from ..sde import forward_noise, transition_mean
-from . import Estimate, Task, backward_each, group_index
-from .adjoint import draw_steps
+from . import Estimate, Task, backward_drawn, group_index, steps_drawn
 
 
 TARGETS = ("path", "forward")
@@ -111,7 +110,7 @@ class WeightedRegression:
         w, w_base, numbers = importance_weights(log_w, task.groups, self.min_ess,
                                                 log_base if self.target == "forward" else None)
         controlled = task.controlled
-        k_steps = min(self.steps or len(controlled), len(controlled))
+        k_steps = steps_drawn(task, self.steps)
         scale = alpha * len(controlled) / max(k_steps, 1)
         x_end = out.x.detach()
         w, w_base = w.to(x_end.device), w_base.to(x_end.device)
@@ -134,8 +133,7 @@ class WeightedRegression:
             return scale * ((w - w_base) * to_target + w_base * to_base).mean() / (2 * std**2)
 
         def backward() -> Tensor:  # fresh steps (and noise) on each call: reusing the batch regresses on new points
-            return backward_each(task, [controlled[i] for i in draw_steps(len(controlled), self.steps, task.shared)],
-                                 step_loss)
+            return backward_drawn(task, self.steps, step_loss)
 
         return Estimate(r, out.kl.detach(), out.log_ratio, alpha, k_steps, backward, checks=(log_w,), extra=numbers)
 
