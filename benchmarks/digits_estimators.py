@@ -42,6 +42,10 @@ ROWS = {
     "decision_weighted_reuse5": ("weighted, decision reward, each batch 5 updates of 4 steps, lr 1e-3, 90 batches",
                                  ["objective.estimator=weighted", "objective.grad_steps=4", "optim.updates_per_batch=5",
                                   "optim.lr=1e-3", "optim.steps=90", *DECISION]),
+    "decision_weighted_reuse5_ess0.25": ("weighted, decision reward, as reuse5, tempered to ESS ≥ 0.25 G (not 0.5)",
+                                         ["objective.estimator=weighted", "objective.grad_steps=4",
+                                          "optim.updates_per_batch=5", "optim.lr=1e-3", "optim.steps=90",
+                                          "objective.min_ess=0.25", *DECISION]),
     "decision_policy_gradient": ("policy gradient, decision reward", ["objective.estimator=policy_gradient",
                                                                       "objective.grad_steps=4", *DECISION]),
 }
