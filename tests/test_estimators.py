@@ -279,8 +279,10 @@ def test_adjoint_matching_training_moves_the_weights_half_way_to_the_target(fami
     """Reused, each batch 4 updates (its adjoints stay the target), 20 rollouts get half way; 20 used once do not."""
     tv_trained, tv_base, history = train_on_mixture(family, AdjointMatching(5), iterations, updates=updates)
     assert tv_trained <= 0.5 * tv_base, (tv_trained, tv_base)
-    assert sum(history[-10:]) / 10 < history[0] - 0.2
-    if updates > 1:
+    if updates == 1:
+        assert sum(history[-20:]) / 20 < sum(history[:20]) / 20 - 0.2
+    else:  # a batch's objective is logged before its updates: the first is the base's
+        assert sum(history[-10:]) / 10 < history[0] - 0.2
         assert train_on_mixture(family, AdjointMatching(5), iterations)[0] > 0.5 * tv_base
 
 
