@@ -6,6 +6,7 @@
     python benchmarks/digits_diagnosis.py --optimum-profile    # the optimum's own per-step KL (about 7 minutes)
     python benchmarks/digits_diagnosis.py --gradient-noise cosine steps240 --batches 48   # is the control stationary?
     python benchmarks/digits_diagnosis.py --gradient-noise steps240 --batches 48 --set objective.window_min=20
+    python benchmarks/digits_diagnosis.py --gradient-noise stl --batches 12 --set objective.path_gradient=stl
 
 Every row trains the digits default (configs/digits.yaml: target 0, alpha 1, 20 DDPM steps) with its changes, each in
 a fresh process (its own wall and peak memory), then measures on 512 samples: the objective's distance to the optimum
@@ -18,10 +19,11 @@ Rows, by cause (each against `cosine`: the old default, 80 steps at lr 3e-3, wit
     (a) the chain       n10, n50: N = 10 / 50 sampling steps (default: 20)
     (b) the estimator   full_window (K = N always: the unbiased pathwise gradient), adjoint (Adjoint Matching),
                         adjoint_reuse4 (each batch's adjoints regressed by 4 updates of 5 steps, 120 batches),
-                        no_grad_clip
+                        no_grad_clip, stl (sticking the landing: the default with objective.path_gradient=stl, whose
+                        per-path gradient vanishes at the optimum), stl_lr1e-2 (the same at lr 1e-2, 10 warm-up steps)
     (c) capacity        rank64_all: rank 64 on every conv and linear layer (full rank for this UNet: the upper bound)
     (d) optimisation    before (the old default: constant learning rate), steps240, batch96, batch16_steps160, lr1e-3,
-                        lr1e-2 (10 warm-up steps), batch96_lr1e-2
+                        lr1e-2 (10 warm-up steps), batch96_lr1e-2, default_lr1e-2 (the default at lr 1e-2, 10 warm-up)
     together            rank64_all_steps240
     training noise      cosine_seed1, cosine_seed2: the same run from other seeds (how far apart two rows must be)
     default             the default config as it is now (cosine decay, 180 steps, checkpointing: under 2 GB), and
@@ -65,6 +67,9 @@ ROWS = {  # every row but `before` and `default` changes one thing against `cosi
     "default_warmup20": ("(d) optimisation", ["optim.warmup_steps=20"]),
     "adjoint_reuse4": ("(b) estimator", ["objective.estimator=adjoint", "objective.adjoint_steps=5",
                                          "optim.updates_per_batch=4", "optim.steps=120", "objective.checkpointing=false"]),
+    "stl": ("(b) estimator", ["objective.path_gradient=stl"]),
+    "default_lr1e-2": ("(d) optimisation", ["optim.lr=1e-2", "optim.warmup_steps=10"]),
+    "stl_lr1e-2": ("(b) estimator", ["objective.path_gradient=stl", "optim.lr=1e-2", "optim.warmup_steps=10"]),
 }
 SAMPLES = 512
 
@@ -183,7 +188,7 @@ def gradient_noise(folder: str, batches: int = 16, overrides: list[str] | None =
     import torch
 
     from sb_finetune.config import load_config
-    from sb_finetune.control import add_lora_control, base_denoiser, load_lora_control
+    from sb_finetune.control import add_lora_control, base_denoiser, frozen_denoiser, load_lora_control
     from sb_finetune.data import load_pipeline
     from sb_finetune.estimators import Task, make_estimator
     from sb_finetune.families import family_of
@@ -198,7 +203,7 @@ def gradient_noise(folder: str, batches: int = 16, overrides: list[str] | None =
     judge = load_reward(cfg.reward.name, **cfg.reward.kwargs)
     b = cfg.optim.batch_size
     policy = fam.denoiser(fam.module, fam.encode(None, b))
-    base = base_denoiser(policy, fam.module)
+    base, frozen = base_denoiser(policy, fam.module), frozen_denoiser(policy, fam.module)
     estimator = make_estimator(cfg.objective)
     grads = []
     for i in range(batches):
@@ -207,7 +212,7 @@ def gradient_noise(folder: str, batches: int = 16, overrides: list[str] | None =
             p.grad = None
         est = estimator(Task(policy, base, schedule, torch.randn(b, 1, 16, 16, generator=g),
                              lambda x: judge(fam.decode(x), [""] * b), cfg.objective.alpha, generator=g,
-                             shared=torch.Generator().manual_seed(i)))
+                             shared=torch.Generator().manual_seed(i), frozen=frozen))
         est.backward()
         grads.append(torch.cat([p.grad.flatten() for p in params]))
     grads = torch.stack(grads)

@@ -28,6 +28,7 @@ import torch
 from sb_finetune.analytic import MLPControl, fit_control, mixture_chain, objective_gap, three_blobs
 from sb_finetune.costs import Costs
 from sb_finetune.estimators.adjoint import AdjointMatching
+from sb_finetune.estimators.pathwise import Pathwise
 from sb_finetune.estimators.policy_gradient import PolicyGradient
 from sb_finetune.estimators.weighted import WeightedRegression
 from sb_finetune.rollout import rollout
@@ -41,6 +42,8 @@ RUNS = {
     "vp": ("vp", 1.0, None, None, "pathwise"),
     "flow": ("flow", 1.0, None, "euler_maruyama", "pathwise"),
     "flow_posterior": ("flow", 1.0, None, "posterior", "pathwise"),
+    "vp_stl": ("vp", 1.0, None, None, "stl"),
+    "flow_stl": ("flow", 1.0, None, "euler_maruyama", "stl"),
     "vp_adjoint": ("vp", 1.0, None, None, "adjoint"),
     "flow_adjoint": ("flow", 1.0, None, "euler_maruyama", "adjoint"),
     "flow_posterior_adjoint": ("flow", 1.0, None, "posterior", "adjoint"),
@@ -78,7 +81,7 @@ def run(name: str, iters: int, batch: int, seed: int = 0, lr: float = 1e-2, fina
         default_iters, default_updates = REWARD_ONLY[estimator]
         iters = default_iters if reward_only_iters is None else reward_only_iters or iters
         updates = reward_only_updates or default_updates
-    make = {"pathwise": lambda: None, "adjoint": lambda: AdjointMatching(adjoint_steps),
+    make = {"pathwise": lambda: None, "stl": lambda: Pathwise(window, path_gradient="stl"), "adjoint": lambda: AdjointMatching(adjoint_steps),
             "weighted": lambda: WeightedRegression(grad_steps), "policy_gradient": lambda: PolicyGradient(grad_steps)}
     gmm, schedule, base, exact = setup(family, eta, method)
     target = gmm.tilted(A.double(), ALPHA)

@@ -155,6 +155,10 @@ class MLPControl(torch.nn.Module):
         feats = torch.cat([torch.tensor([tau]), torch.sin(self.freqs * tau), torch.cos(self.freqs * tau)]).to(x)
         return self.base(x, t) + self.net(torch.cat([x, feats.expand(x.shape[0], -1)], dim=1))
 
+    def frozen(self, x: Tensor, t: Tensor) -> Tensor:
+        """The same prediction with the weights held fixed (a gradient to x only): `Task.frozen` for pathwise's stl."""
+        return torch.func.functional_call(self, {n: p.detach() for n, p in self.named_parameters()}, (x, t))
+
 
 def fit_control(
     control: MLPControl,
@@ -184,13 +188,14 @@ def fit_control(
     opt = torch.optim.Adam(control.net.parameters(), lr=lr)
     sched = None if final_lr is None else torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations * updates, eta_min=final_lr)
     g = torch.Generator().manual_seed(seed)
-    policy, base = control, control.base
+    policy, base, frozen = control, control.base, control.frozen
     if costs is not None:
         policy, base, reward = costs.count("policy", policy), costs.count("base", base), costs.count("reward", reward)
+        frozen = costs.count("policy", frozen)
     history = []
     for _ in range(iterations):
         x0 = torch.randn(batch, dim, generator=g)
-        est = estimator(Task(policy, base, schedule, x0, reward, alpha, generator=g, shared=g))
+        est = estimator(Task(policy, base, schedule, x0, reward, alpha, generator=g, shared=g, frozen=frozen))
         for _ in range(updates):
             opt.zero_grad(set_to_none=True)
             est.backward()

@@ -55,6 +55,7 @@ class ObjectiveConfig:
     window_min: int = 1  # gradient window K ~ uniform[window_min, window_max] controlled steps
     window_max: Optional[int] = None  # None = all steps (unbiased); window_min == window_max = fixed K
     kl_grad: str = "window"  # window | all: also the KL terms before the window (local backward)
+    path_gradient: str = "kl"  # pathwise: kl | stl (sticking the landing: per-path gradient 0 at the optimum; +1 call a step)
     kl_log_steps: Optional[int] = 2  # kl_grad=window: steps before the window whose KL is logged (stratified, unbiased); None = all
     checkpointing: Optional[bool] = None  # activation checkpointing per model call in the window; None = auto (large latents)
     paired_calls: Optional[bool] = None  # policy and base in one model call of twice the batch; None = auto (small calls)
@@ -139,6 +140,7 @@ _CHOICES = {
     "sampler.flow_method": ("posterior", "euler_maruyama"),
     "objective.estimator": ("pathwise", "adjoint", "weighted", "policy_gradient"),
     "objective.kl_grad": ("window", "all"),
+    "objective.path_gradient": ("kl", "stl"),
     "objective.weighted_target": ("path", "forward"),
     "optim.mixed_precision": ("no", "fp16", "bf16"),
     "optim.lr_schedule": ("constant", "cosine", "linear"),
@@ -348,7 +350,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'objective.{key}': only for objective.estimator=weighted (got {o.estimator!r})")
     if o.kl_log_steps is not None and o.kl_log_steps < 1:
         raise ConfigError(f"config key 'objective.kl_log_steps': must be >= 1 (or null for every step), got {o.kl_log_steps}")
-    ignored = [k for k in ("window_min", "window_max", "kl_grad", "kl_log_steps") if getattr(o, k) != getattr(ObjectiveConfig(), k)]
+    ignored = [k for k in ("window_min", "window_max", "kl_grad", "kl_log_steps", "path_gradient") if getattr(o, k) != getattr(ObjectiveConfig(), k)]
     if o.estimator != "pathwise" and ignored:
         raise ConfigError(f"config keys {', '.join(f'objective.{k}' for k in ignored)}: only for the pathwise estimator; "
                           f"objective.estimator={o.estimator} draws its own steps across the chain")

@@ -117,8 +117,41 @@ def paired_denoiser(denoiser: Denoiser, module: torch.nn.Module) -> PairedDenois
     return predict
 
 
-@contextlib.contextmanager
-def _second_copy_masked(outputs: list[torch.nn.Module], b: int) -> Iterator[None]:
+def frozen_denoiser(denoiser: Denoiser, module: torch.nn.Module) -> Denoiser:
+    """The policy's prediction with the adapter's weights held fixed: the same value, a gradient that reaches the
+    input x but not the adapter (∂μ_θ/∂x at θ frozen). The pathwise estimator's sticking-the-landing term needs it
+    (`objective.path_gradient=stl`): log q_θ(x_{k+1} | x_k) differentiated in the path only. Every LoRA layer's A and
+    B recompute their (small) output from detached weights. Raises where a layer is not a Linear or Conv."""
+    layers = _tuner_layers(getattr(module, "module", module))
+    parts = [m for layer in layers for d in (getattr(layer, "lora_A", {}), getattr(layer, "lora_B", {})) for m in d.values()]
+    if not parts or any(getattr(layer, "lora_embedding_A", None) or any(getattr(layer, "use_dora", {}).values())
+                        for layer in layers):
+        raise ValueError("the sticking-the-landing gradient needs a LoRA adapter of Linear/Conv layers (no DoRA, no "
+                         "embedding layers): use objective.path_gradient=kl")
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with _weights_detached(parts):
+            return denoiser(x, t)
+
+    return predict
+
+
+def _weights_detached(parts: list[torch.nn.Module]):
+    """Inside: each Linear/Conv in `parts` returns its output computed from its weights detached."""
+
+    def hook(mod, args, out):
+        w = mod.weight.detach()
+        b = None if mod.bias is None else mod.bias.detach()
+        if isinstance(mod, torch.nn.Linear):
+            return torch.nn.functional.linear(args[0], w, b)
+        if isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            return mod._conv_forward(args[0], w, b)
+        raise TypeError(f"frozen_denoiser: a LoRA part of type {type(mod).__name__} (Linear or Conv expected)")
+
+    return _forward_hooks(parts, hook)
+
+
+def _second_copy_masked(outputs: list[torch.nn.Module], b: int):
     """Inside: each module in `outputs` zeroes its output on the rows of every second copy of a batch of `b`
     (rows i with ⌊i / b⌋ odd)."""
 
@@ -130,7 +163,13 @@ def _second_copy_masked(outputs: list[torch.nn.Module], b: int) -> Iterator[None
         keep = (torch.arange(rows, device=out.device) // b) % 2 == 0
         return out * keep.view(rows, *([1] * (out.dim() - 1))).to(out.dtype)
 
-    handles = [m.register_forward_hook(hook) for m in outputs]
+    return _forward_hooks(outputs, hook)
+
+
+@contextlib.contextmanager
+def _forward_hooks(modules: list[torch.nn.Module], hook) -> Iterator[None]:
+    """Inside: `hook` is a forward hook of every module in `modules` (its return value replaces the output)."""
+    handles = [m.register_forward_hook(hook) for m in modules]
     try:
         yield
     finally:

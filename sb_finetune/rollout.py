@@ -42,6 +42,8 @@ class Rollout:
     # with far less variance than the KL. Not a loss (its gradient is not the KL's).
     means: list[Tensor] | None = None  # μ_k of the transition each step took (the policy's where controlled), detached
     kl_steps: int = 0  # controlled steps whose KL was computed; fewer than all when `kl_sample` subsampled them
+    path_terms: Tensor | None = None  # [B, N] with `frozen`: the window's log q_θ̄ − log p_base of the step taken,
+    # differentiable in the path only (θ̄: the policy's weights held fixed); the KL elsewhere. The loss's KL part.
 
 
 def draw_window(spec: WindowSpec, num_steps: int, generator: torch.Generator | None = None) -> int:
@@ -60,19 +62,20 @@ def draw_window(spec: WindowSpec, num_steps: int, generator: torch.Generator | N
 
 
 def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True,
-          both: PairedDenoiser | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+          both: PairedDenoiser | None = None, frozen: Denoiser | None = None
+          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One transition x_k → x_{k+1} under the policy; KL_k to the base at the same x_k; the pathwise log-ratio
-    (`step_log_ratio`, detached); and the transition's mean μ_k. `both`, if given, makes the two predictions in one
-    call."""
+    (`step_log_ratio`, detached); the transition's mean μ_k; and the step's term of the loss: KL_k, or with `frozen`
+    (the policy with its weights held fixed) `path_term`. `both`, if given, makes the two predictions in one call."""
     t = schedule.timesteps[k]
     std = float(schedule.std[k])
     no_kl = x.new_zeros(x.shape[0])
     if not bool(schedule.controlled[k]):  # deterministic or steep step: the base's, uncontrolled, no KL
         mean = transition_mean(schedule, k, x, base(x, t))
-        return mean + std * z, no_kl, no_kl, mean
+        return mean + std * z, no_kl, no_kl, mean, no_kl
     if policy is base or not compute_kl:
         mean = transition_mean(schedule, k, x, policy(x, t))
-        return mean + std * z, no_kl, no_kl, mean
+        return mean + std * z, no_kl, no_kl, mean, no_kl
     if both is not None:
         pred, pred_base = both(x, t)
         mean, mean_base = transition_mean(schedule, k, x, pred), transition_mean(schedule, k, x, pred_base)
@@ -80,7 +83,24 @@ def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tenso
         mean = transition_mean(schedule, k, x, policy(x, t))
         mean_base = transition_mean(schedule, k, x, base(x, t))
     kl = step_kl(mean, mean_base, std)
-    return mean + std * z, kl, step_log_ratio(kl, mean, mean_base, z, std), mean
+    x_next = mean + std * z
+    term = kl if frozen is None else path_term(x_next, transition_mean(schedule, k, x, frozen(x, t)), mean_base, std)
+    return x_next, kl, step_log_ratio(kl, mean, mean_base, z, std), mean, term
+
+
+def path_term(x_next: Tensor, mean_frozen: Tensor, mean_base: Tensor, std: float) -> Tensor:
+    """log N(x_{k+1}; μ_θ̄, std²) − log N(x_{k+1}; μ_base, std²) per sample, θ̄ the policy's weights held fixed, written
+    as (e·d + |d|²/2) / std² with e = x_{k+1} − μ_θ̄ (= std·z) and d = μ_θ̄ − μ_base (no difference of large squares).
+
+    Sticking the landing (Roeder et al. 2017) on paths: Σ_k of these minus R/alpha is log dP_θ/dP* + log Z, CONSTANT
+    along paths at the optimum; differentiated through the path alone (the score term ∂_θ log q_θ at a fixed path,
+    mean zero, left out), its gradient is the objective's (the same mean as the KL's) and vanishes path by path at an
+    optimum the Gaussian steps reach (near it on a coarse chain, whose optimal step is not Gaussian), where the KL's
+    keeps the noise of every path. Its value is `step_log_ratio`'s: KL_k + d·z/std."""
+    if std == 0.0:
+        return step_kl(mean_frozen, mean_base, std)
+    e, d = x_next - mean_frozen, mean_frozen - mean_base
+    return ((e * d).flatten(1).sum(1) + 0.5 * d.pow(2).flatten(1).sum(1)) / std**2
 
 
 def step_log_ratio(kl: Tensor, mean_policy: Tensor, mean_base: Tensor, z: Tensor, std: float) -> Tensor:
@@ -108,6 +128,7 @@ def rollout(
     compute_kl: bool = True,
     kl_sample: int | None = None,
     both: PairedDenoiser | None = None,
+    frozen: Denoiser | None = None,
 ) -> Rollout:
     """Run the N-step controlled chain from the start noise `x`.
 
@@ -135,6 +156,8 @@ def rollout(
     both: the policy's and the base's predictions at one state in one model call (`control.paired_denoiser`, made for
         this `policy` and `base`): used wherever a step needs both; alone they are called apart. Ignored when `policy`
         is `base`.
+    frozen: the policy with its weights held fixed (`control.frozen_denoiser`): the window's steps then also return
+        `path_term` (one more model call each) in `Rollout.path_terms`, the loss's KL part for sticking the landing.
     """
     n = schedule.num_steps
     controlled = [k for k in range(n) if bool(schedule.controlled[k])]
@@ -156,18 +179,21 @@ def rollout(
     if checkpoint:
         wrapped = _checkpointed(policy)
         window_step = functools.partial(_step, wrapped, wrapped if base is policy else _checkpointed(base),
-                                        both=None if both is None else _checkpointed(both))
+                                        both=None if both is None else _checkpointed(both),
+                                        frozen=None if frozen is None else _checkpointed(frozen))
     else:
-        window_step = functools.partial(_step, policy, base, both=both)
+        window_step = functools.partial(_step, policy, base, both=both, frozen=frozen)
+    terms: list[Tensor] = []
     for k in range(n):
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         if k >= start:
-            x, kl, log_ratio, mean = window_step(schedule, k, x, z, compute_kl=compute_kl)
+            x, kl, log_ratio, mean, term = window_step(schedule, k, x, z, compute_kl=compute_kl)
+            terms.append(term)
         else:  # x is detached: a graph, if any, reaches the policy's parameters only (x held fixed)
             keep_local = local() if local is not None and kl_backward is not None and k_window > 0 else nullcontext()
             with keep_local, torch.set_grad_enabled(kl_backward is not None):
                 x_k = x.detach()
-                x, kl, log_ratio, mean = _step(policy, base, schedule, k, x_k, z, compute_kl=compute_kl and not defer,
+                x, kl, log_ratio, mean, _ = _step(policy, base, schedule, k, x_k, z, compute_kl=compute_kl and not defer,
                                                both=both)
                 if kl.requires_grad:  # deterministic steps carry no KL and no graph
                     kl_backward(kl)
@@ -195,7 +221,9 @@ def rollout(
                 kl = step_kl(mean, mean_base, std)
                 kls[k], log_ratios[k] = len(run) * kl, len(run) * step_log_ratio(kl, mean, mean_base, z, std)
     kl_steps = 0 if not compute_kl or policy is base else len(controlled) - n_before + (kl_sample if defer else n_before)
-    return Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1), means, kl_steps)
+    path_terms = None if frozen is None else torch.stack(kls[:start] + terms, dim=1)
+    return Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1), means, kl_steps,
+                   path_terms)
 
 
 def _checkpointed(denoiser: Callable) -> Callable:

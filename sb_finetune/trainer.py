@@ -13,7 +13,7 @@ import torch
 
 from . import checkpoint
 from .config import Config, to_yaml
-from .control import (add_lora_control, base_denoiser, load_lora_control, lora_state_dict, paired_denoiser,
+from .control import (add_lora_control, base_denoiser, frozen_denoiser, load_lora_control, lora_state_dict, paired_denoiser,
                       save_lora_control)
 from .data import DTYPES, load_pipeline, load_prompts
 from .estimators import DIFFERENTIABLE_ONLY, Task, make_estimator
@@ -196,9 +196,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 base = base_denoiser(fam.denoiser(module, cond, DTYPES[cfg.model.dtype]), module)
                 both = (paired_denoiser(fam.denoiser(ddp_module, cond.repeat(2), DTYPES[cfg.model.dtype]), module)
                         if cfg.objective.paired_calls else None)
+                frozen = (frozen_denoiser(fam.denoiser(module, cond, DTYPES[cfg.model.dtype]), module)
+                          if cfg.objective.path_gradient == "stl" else None)
                 x0 = fam.start_noise(fam.latent_shape(b, *(size or ())), g, accelerator.device)
                 task = Task(policy, base, schedule, x0, lambda x: score(reward, fam.decode(x), batch_prompts),
-                            cfg.objective.alpha, g, shared, accelerator.backward, local, groups, both)
+                            cfg.objective.alpha, g, shared, accelerator.backward, local, groups, both, frozen)
                 with accelerator.autocast():
                     est = estimator(task)
                     seen = non_finite_message(est.reward, reward.name, getattr(reward, "last_error", None))

@@ -231,6 +231,44 @@ def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit):
         assert a.norm() > 0 and (a - b).norm() < 1e-4 * a.norm(), (a - b).norm() / a.norm()
 
 
+@pytest.mark.parametrize("kit", ["sd", "ddpm"])
+def test_the_frozen_policy_has_the_policys_value_and_state_gradient_and_none_for_the_adapter(kit):
+    """`frozen_denoiser` (pathwise's stl): the policy's prediction, its gradient to the state x the policy's own, and
+    no gradient to the adapter; under a checkpointed window the stl loss reaches the adapter through the states only,
+    and differs from the KL loss's gradient."""
+    from sb_finetune.control import frozen_denoiser
+
+    fam = family_of(TINY_PIPELINES[kit]())
+    params = add_lora_control(fam.module, rank=4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    cond = fam.encode(PROMPTS if fam.conditional else None, 2, 4.0)
+    policy = fam.denoiser(fam.module, cond)
+    frozen = frozen_denoiser(policy, fam.module)
+    schedule = fam.schedule(3)
+    x = fam.start_noise(fam.latent_shape(2), g, "cpu").requires_grad_(True)
+    t = schedule.timesteps[1]
+    out, out_frozen = policy(x, t), frozen(x, t)
+    assert torch.allclose(out, out_frozen, rtol=1e-4, atol=1e-5)  # fp32 order: ~3e-6 on ddpm
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    (gx_frozen,) = torch.autograd.grad(out_frozen.square().sum(), x)
+    assert gx.norm() > 0 and (gx - gx_frozen).norm() < 1e-4 * gx.norm(), (gx - gx_frozen).norm() / gx.norm()
+    assert all(gp is None for gp in torch.autograd.grad(frozen(x, t).square().sum(), params, allow_unused=True))
+    from sb_finetune.control import base_denoiser
+
+    base = base_denoiser(policy, fam.module)
+    grads = {}
+    for name in ("kl", "stl"):
+        o = rollout(policy, base, schedule, x.detach(), window=schedule.num_steps, checkpoint=True,
+                    generator=torch.Generator().manual_seed(5), frozen=frozen if name == "stl" else None)
+        terms = o.kl if name == "kl" else o.path_terms
+        grads[name] = torch.autograd.grad(terms.sum() - o.x.square().mean(), params)
+    assert sum(float((a - b).norm()) for a, b in zip(grads["kl"], grads["stl"])) > 1e-4
+    assert all(torch.isfinite(a).all() for a in grads["stl"])
+
+
 def test_a_paired_call_is_not_offered_where_masking_would_not_give_the_base():
     """DoRA rescales the whole weight, not the adapter's output alone: there the trainer calls policy and base apart."""
     from peft import LoraConfig

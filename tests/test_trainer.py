@@ -243,10 +243,12 @@ def _launch_two_ranks(out_dir: Path, *overrides: str) -> None:
 
 
 @pytest.mark.parametrize("estimator", [("objective.kl_grad=window",), ("objective.kl_grad=all",),
+                                       ("objective.path_gradient=stl", "objective.checkpointing=true"),
                                        ("objective.estimator=adjoint", "objective.adjoint_steps=3")], ids=lambda e: e[0])
 def test_two_processes_end_with_identical_trained_control(tmp_path, estimator):
     """With kl_grad=all every step before the window has its own local backward (DDP's no_sync), reduced with the
-    window's; Adjoint Matching backpropagates each regressed step on its own, all-reduced with the last. Were any
+    window's; Adjoint Matching backpropagates each regressed step on its own, all-reduced with the last; stl calls the
+    policy a second time, outside DDP, with its weights held fixed (checkpointed: recomputed in the backward). Were any
     left out of that all-reduce, the ranks would end with different weights."""
     from sb_finetune.pipelines import SBStableDiffusionPipeline
 

@@ -49,6 +49,7 @@ class Task:
     local: Callable[[], ContextManager] = nullcontext  # DDP's no_sync: a backward whose all-reduce a later one does
     groups: Tensor | None = None  # [B] group ids (samples of one prompt, equal-sized); None: the batch is one group
     both: PairedDenoiser | None = None  # policy and base in one model call (`control.paired_denoiser`), where made
+    frozen: Denoiser | None = None  # the policy with its weights held fixed (`control.frozen_denoiser`): pathwise's stl
 
     @property
     def controlled(self) -> list[int]:
@@ -143,7 +144,7 @@ def make_estimator(objective) -> Estimator:
         from .pathwise import Pathwise
 
         return Pathwise((objective.window_min, objective.window_max or 10**9), bool(objective.checkpointing), objective.kl_grad,
-                        objective.kl_log_steps)
+                        objective.kl_log_steps, objective.path_gradient)
     if objective.estimator == "adjoint":
         from .adjoint import AdjointMatching
 

@@ -6,6 +6,13 @@ prediction; steps before it run without a graph (with `kl_grad="all"` their KL t
 "window" their KL serves only the log, so the base scores `kl_log_steps` of them, stratified and reweighted: an unbiased
 estimate of the path KL and objective, and `kl_steps` in the log says how many steps it rests on).
 E[grad] = Σ_j p_j g_j with p_j = P(step j inside the window): j/n for K ~ U[1, n] (DESIGN.md, "Random window").
+
+path_gradient: what the window's KL part differentiates. "kl": Σ_k KL_k (the Gaussian KL of each step, through the
+states and the predictions). "stl" (sticking the landing, Roeder et al. 2017): Σ_k log q_θ̄(x_{k+1}|x_k) − log
+p_base(x_{k+1}|x_k) with the policy's weights θ̄ held fixed (`rollout.path_term`; one more model call a window step):
+the same expected gradient, whose every path's gradient vanishes at the optimum (alpha·log-ratio − R is constant
+there), so its noise shrinks as the control nears the optimum instead of staying at the KL's (on digits: half the KL's
+mid-run, level with it where training stalls; README, "Why the digits default overpays KL").
 """
 
 from __future__ import annotations
@@ -15,23 +22,35 @@ from ..rollout import WindowSpec, draw_window, rollout
 from . import Estimate, Task
 
 
+PATH_GRADIENTS = ("kl", "stl")
+
+
 class Pathwise:
     name = "pathwise"
 
     def __init__(self, window: WindowSpec = None, checkpoint: bool = False, kl_grad: str = "window",
-                 kl_log_steps: int | None = None):
+                 kl_log_steps: int | None = None, path_gradient: str = "kl"):
+        if path_gradient not in PATH_GRADIENTS:
+            raise ValueError(f"objective.path_gradient {path_gradient!r}: one of {PATH_GRADIENTS}")
         self.window, self.checkpoint, self.kl_grad, self.kl_log_steps = window, checkpoint, kl_grad, kl_log_steps
+        self.path_gradient = path_gradient
 
     def __call__(self, task: Task) -> Estimate:
         k_window = draw_window(self.window, len(task.controlled), task.shared)
+        frozen = None
+        if self.path_gradient == "stl":
+            if task.frozen is None:
+                raise ValueError("objective.path_gradient=stl needs the policy with its weights held fixed (Task.frozen: "
+                                 "control.frozen_denoiser)")
+            frozen = task.frozen
         kl_backward = None
         if self.kl_grad == "all":  # the steps before the window: one local backward each, reduced with the window's
             kl_backward = lambda kl: task.backward(task.alpha * kl.mean())  # noqa: E731
         out = rollout(task.policy, task.base, task.schedule, task.x0, window=k_window, generator=task.generator,
                       checkpoint=self.checkpoint, kl_backward=kl_backward, local=task.local, kl_sample=self.kl_log_steps,
-                      both=task.both)
+                      both=task.both, frozen=frozen)
         r = task.reward(out.x)
-        parts = soc_loss(r, out.kl, task.alpha, out.window)
+        parts = soc_loss(r, out.kl if frozen is None else out.path_terms, task.alpha, out.window)
 
         def backward():
             task.backward(parts.loss)
