@@ -81,8 +81,8 @@ def run(name: str, iters: int, batch: int, seed: int = 0, lr: float = 1e-2, fina
         default_iters, default_updates = REWARD_ONLY[estimator]
         iters = default_iters if reward_only_iters is None else reward_only_iters or iters
         updates = reward_only_updates or default_updates
-    make = {"pathwise": lambda: None, "stl": lambda: Pathwise(window, path_gradient="stl"), "adjoint": lambda: AdjointMatching(adjoint_steps),
-            "weighted": lambda: WeightedRegression(grad_steps), "policy_gradient": lambda: PolicyGradient(grad_steps)}
+    make = {"pathwise": lambda: None, "stl": lambda: Pathwise(window, path_gradient="stl"),
+            "adjoint": lambda: AdjointMatching(adjoint_steps), "weighted": lambda: WeightedRegression(grad_steps), "policy_gradient": lambda: PolicyGradient(grad_steps)}
     gmm, schedule, base, exact = setup(family, eta, method)
     target = gmm.tilted(A.double(), ALPHA)
     torch.manual_seed(seed)

@@ -336,7 +336,6 @@ def test_each_estimator_makes_exactly_the_model_calls_it_owes(family, method):
             assert (per["base_fwd"], per["base_bwd"]) == (big_n - n + big_n, big_n - 1)
 
 
-
 def _naive_stl_gradient(control, base, s, x0, z, reward, alpha, window):
     """The sticking-the-landing gradient from its definition, with two copies of the weights: the chain sampled with
     θ, its log-density log q_θ̄ − log p_base written as plain Gaussian log-densities with a detached copy θ̄, the whole

@@ -236,7 +236,7 @@ def test_the_frozen_policy_has_the_policys_value_and_state_gradient_and_none_for
     """`frozen_denoiser` (pathwise's stl): the policy's prediction, its gradient to the state x the policy's own, and
     no gradient to the adapter; under a checkpointed window the stl loss reaches the adapter through the states only,
     and differs from the KL loss's gradient."""
-    from sb_finetune.control import frozen_denoiser
+    from sb_finetune.control import base_denoiser, frozen_denoiser
 
     fam = family_of(TINY_PIPELINES[kit]())
     params = add_lora_control(fam.module, rank=4)
@@ -246,7 +246,7 @@ def test_the_frozen_policy_has_the_policys_value_and_state_gradient_and_none_for
             p.add_(0.3 * torch.randn(p.shape, generator=g))
     cond = fam.encode(PROMPTS if fam.conditional else None, 2, 4.0)
     policy = fam.denoiser(fam.module, cond)
-    frozen = frozen_denoiser(policy, fam.module)
+    base, frozen = base_denoiser(policy, fam.module), frozen_denoiser(policy, fam.module)
     schedule = fam.schedule(3)
     x = fam.start_noise(fam.latent_shape(2), g, "cpu").requires_grad_(True)
     t = schedule.timesteps[1]
@@ -256,9 +256,6 @@ def test_the_frozen_policy_has_the_policys_value_and_state_gradient_and_none_for
     (gx_frozen,) = torch.autograd.grad(out_frozen.square().sum(), x)
     assert gx.norm() > 0 and (gx - gx_frozen).norm() < 1e-4 * gx.norm(), (gx - gx_frozen).norm() / gx.norm()
     assert all(gp is None for gp in torch.autograd.grad(frozen(x, t).square().sum(), params, allow_unused=True))
-    from sb_finetune.control import base_denoiser
-
-    base = base_denoiser(policy, fam.module)
     grads = {}
     for name in ("kl", "stl"):
         o = rollout(policy, base, schedule, x.detach(), window=schedule.num_steps, checkpoint=True,
