@@ -28,7 +28,8 @@ Rows, by cause (each against `cosine`: the old default, 80 steps at lr 3e-3, wit
     training noise      cosine_seed1, cosine_seed2: the same run from other seeds (how far apart two rows must be)
     default             the default config as it is now (cosine decay, 180 steps, checkpointing: under 2 GB), and
                         default_7_alpha0.5: the same on another digit and alpha, untuned; default_warmup20: the
-                        default with the rate ramped up over its first 20 steps (does the early KL overshoot matter?)
+                        default with the rate ramped up over its first 20 steps (does the early KL overshoot matter?);
+                        steps600: the default decayed over 600 steps instead of 180 (about 36 minutes: where it stalls)
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ ROWS = {  # every row but `before` and `default` changes one thing against `cosi
     "stl": ("(b) estimator", ["objective.path_gradient=stl"]),
     "default_lr1e-2": ("(d) optimisation", ["optim.lr=1e-2", "optim.warmup_steps=10"]),
     "stl_lr1e-2": ("(b) estimator", ["objective.path_gradient=stl", "optim.lr=1e-2", "optim.warmup_steps=10"]),
+    "steps600": ("(d) optimisation", ["optim.steps=600"]),
 }
 SAMPLES = 512
 

@@ -12,7 +12,8 @@ decision, R = 5 · 1[argmax = 0] (the optimum puts 0.96 of its samples on 0): a 
 Per step, on 32 paths of N = 20 steps: pathwise makes 20 policy + 20 base calls and backpropagates through a window
 of K ~ U[1, 20] of them, with 32 reward gradients; adjoint 20 policy + 20 base calls without graph, 19 base
 vector–Jacobian products, and 20 policy calls with graph, 32 reward gradients; weighted and policy_gradient 20 + 20
-calls without graph and K = 4 with graph (policy_gradient: + 4 base calls), and no reward gradient.
+calls without graph and K = 4 with graph (policy_gradient: + 4 base calls), and no reward gradient; base_pool
+20 base calls a path for its 2,048 paths once (1,280 calls of 32), then K = 2 policy calls with graph an update.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "outputs", "digits_estimators")
 DECISION = ["reward.kwargs.decision=5"]
+BASE_POOL = ["objective.estimator=base_pool", "objective.grad_steps=2", "optim.steps=1200"]  # 2,048 base paths, once
 ROWS = {
     "pathwise": ("the default", []),
     "adjoint": ("Adjoint Matching", ["objective.estimator=adjoint", "objective.checkpointing=false"]),
@@ -48,6 +50,8 @@ ROWS = {
                                           "objective.min_ess=0.25", *DECISION]),
     "decision_policy_gradient": ("policy gradient, decision reward", ["objective.estimator=policy_gradient",
                                                                       "objective.grad_steps=4", *DECISION]),
+    "base_pool": ("base pool, 1,200 updates of 2 steps", BASE_POOL),
+    "decision_base_pool": ("base pool, decision reward, 1,200 updates of 2 steps", [*BASE_POOL, *DECISION]),
 }
 
 
@@ -68,6 +72,7 @@ CALLS = {
     "weighted_forward": ("20 policy + 20 base without graph, 4 base without and 4 policy with graph", 0),
     "policy_gradient": ("20 policy + 20 base without graph, 4 base without and 4 policy with graph", 0),
     "decision_weighted_k20_lr1e-3": ("20 policy + 20 base without graph, 20 policy with graph", 0),
+    "base_pool": ("2 policy with graph (before the first: 20 base calls a path for the pool's 2,048, once)", 0),
 }
 
 

@@ -46,11 +46,12 @@ class SamplerConfig:
 @dataclass
 class ObjectiveConfig:
     alpha: float = 1.0  # KL weight: optimum ∝ p_base · exp(reward / alpha)
-    estimator: str = "pathwise"  # pathwise | adjoint (Adjoint Matching) | weighted | policy_gradient (any reward)
+    estimator: str = "pathwise"  # pathwise | adjoint (Adjoint Matching) | weighted | policy_gradient | base_pool (any reward)
     adjoint_steps: Optional[int] = None  # adjoint: K controlled steps regressed per trajectory; None = all
-    grad_steps: Optional[int] = None  # weighted, policy_gradient: K controlled steps with a gradient per batch; None = all
+    grad_steps: Optional[int] = None  # weighted, policy_gradient, base_pool: K controlled steps with a gradient per batch; None = all
     weighted_target: str = "path"  # weighted: regress on the sampled transitions (path) or forward-noised endpoints (forward)
     clip_ratio: Optional[float] = None  # policy_gradient: PPO's ε on reused batches (optim.updates_per_batch > 1)
+    pool_size: int = 2048  # base_pool: base paths each process draws once and resamples by exp(R/alpha)
     min_ess: float = 0.5  # weighted: tempering keeps each group's effective sample size >= min_ess · G (0 = off)
     window_min: int = 1  # gradient window K ~ uniform[window_min, window_max] controlled steps
     window_max: Optional[int] = None  # None = all steps (unbiased); window_min == window_max = fixed K
@@ -138,7 +139,7 @@ _CHOICES = {
     "model.family": ("auto", "sd", "sdxl", "sd3", "flux", "qwenimage", "unet2d"),  # sb_finetune.families.FAMILIES
     "model.dtype": ("float32", "float16", "bfloat16"),
     "sampler.flow_method": ("posterior", "euler_maruyama"),
-    "objective.estimator": ("pathwise", "adjoint", "weighted", "policy_gradient"),
+    "objective.estimator": ("pathwise", "adjoint", "weighted", "policy_gradient", "base_pool"),
     "objective.kl_grad": ("window", "all"),
     "objective.path_gradient": ("kl", "stl"),
     "objective.weighted_target": ("path", "forward"),
@@ -327,8 +328,8 @@ def _validate(cfg: Config) -> None:
     # knobs of one estimator set for another would be ignored without a word: say so instead
     if o.estimator != "adjoint" and o.adjoint_steps is not None:
         raise ConfigError(f"config key 'objective.adjoint_steps': only for objective.estimator=adjoint (got {o.estimator!r})")
-    if o.estimator not in ("weighted", "policy_gradient") and o.grad_steps is not None:
-        raise ConfigError(f"config key 'objective.grad_steps': only for objective.estimator=weighted or policy_gradient "
+    if o.estimator not in ("weighted", "policy_gradient", "base_pool") and o.grad_steps is not None:
+        raise ConfigError(f"config key 'objective.grad_steps': only for objective.estimator=weighted, policy_gradient or base_pool "
                           f"(got {o.estimator!r})")
     if o.grad_steps is not None and o.grad_steps < 1:
         raise ConfigError(f"config key 'objective.grad_steps': must be >= 1 (or null for all), got {o.grad_steps}")
@@ -348,6 +349,10 @@ def _validate(cfg: Config) -> None:
     for key in ("min_ess", "weighted_target"):
         if o.estimator != "weighted" and getattr(o, key) != getattr(ObjectiveConfig(), key):
             raise ConfigError(f"config key 'objective.{key}': only for objective.estimator=weighted (got {o.estimator!r})")
+    if o.estimator != "base_pool" and o.pool_size != ObjectiveConfig().pool_size:
+        raise ConfigError(f"config key 'objective.pool_size': only for objective.estimator=base_pool (got {o.estimator!r})")
+    if o.pool_size < 1:
+        raise ConfigError(f"config key 'objective.pool_size': at least 1 path, got {o.pool_size}")
     if o.kl_log_steps is not None and o.kl_log_steps < 1:
         raise ConfigError(f"config key 'objective.kl_log_steps': must be >= 1 (or null for every step), got {o.kl_log_steps}")
     ignored = [k for k in ("window_min", "window_max", "kl_grad", "kl_log_steps", "path_gradient") if getattr(o, k) != getattr(ObjectiveConfig(), k)]

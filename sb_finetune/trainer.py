@@ -55,7 +55,7 @@ def build_reward(cfg: Config):
         reward.check()
     if not reward.differentiable and cfg.objective.estimator in DIFFERENTIABLE_ONLY:
         raise ValueError(f"reward '{reward.name}' is not differentiable: objective.estimator={cfg.objective.estimator} "
-                         f"backpropagates through it; use objective.estimator=weighted or policy_gradient")
+                         f"backpropagates through it; use objective.estimator=weighted, policy_gradient or base_pool")
     return reward
 
 
@@ -108,6 +108,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     reward = build_reward(cfg)  # fails fast on an unknown reward, before the model loads
     held_out = load_held_out(cfg.logging.eval_rewards, accelerator.device)  # scored at evaluations, never trained on
     prompts = load_prompts(cfg.prompts)
+    if cfg.objective.estimator == "base_pool" and len(set(prompts)) > 1:  # one pool, one prompt's Z
+        raise ValueError(f"objective.estimator=base_pool keeps one pool of base paths for one prompt; got "
+                         f"{len(set(prompts))} prompts: use weighted or policy_gradient with optim.group_size")
     if cfg.objective.estimator not in DIFFERENTIABLE_ONLY and cfg.optim.group_size is None and len(set(prompts)) > 1:
         raise ValueError(f"objective.estimator={cfg.objective.estimator} compares samples of one prompt: with "
                          f"{len(set(prompts))} prompts set optim.group_size (samples per prompt in a batch, e.g. 8)")

@@ -11,8 +11,9 @@ two are apart so that the caller checks the numbers (finite on every process) be
     adjoint           Adjoint Matching: the control regressed on the lean adjoint         (adjoint.py)
     weighted          importance-weighted regression toward the tilt; any reward          (weighted.py)
     policy_gradient   the score-function gradient with the exact KL-to-go; any reward     (policy_gradient.py)
+    base_pool         regression on base paths resampled by exp(R/alpha); any reward       (base_pool.py)
 
-`DIFFERENTIABLE_ONLY` need ∇R; the other two call the reward without a graph.
+`DIFFERENTIABLE_ONLY` need ∇R; the others call the reward without a graph.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..objective import is_finite
 from ..rollout import Denoiser, PairedDenoiser
 from ..sde import Schedule
 
-ESTIMATORS = ("pathwise", "adjoint", "weighted", "policy_gradient")
+ESTIMATORS = ("pathwise", "adjoint", "weighted", "policy_gradient", "base_pool")
 DIFFERENTIABLE_ONLY = ("pathwise", "adjoint")  # backpropagate through the reward
 
 
@@ -157,4 +158,8 @@ def make_estimator(objective) -> Estimator:
         from .policy_gradient import PolicyGradient
 
         return PolicyGradient(objective.grad_steps, objective.clip_ratio)
+    if objective.estimator == "base_pool":
+        from .base_pool import BasePool
+
+        return BasePool(objective.grad_steps, objective.pool_size)
     raise ValueError(f"objective.estimator {objective.estimator!r}: one of {ESTIMATORS}")
