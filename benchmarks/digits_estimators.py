@@ -50,8 +50,13 @@ ROWS = {
                                           "objective.min_ess=0.25", *DECISION]),
     "decision_policy_gradient": ("policy gradient, decision reward", ["objective.estimator=policy_gradient",
                                                                       "objective.grad_steps=4", *DECISION]),
-    "base_pool": ("base pool, 1,200 updates of 2 steps", BASE_POOL),
-    "decision_base_pool": ("base pool, decision reward, 1,200 updates of 2 steps", [*BASE_POOL, *DECISION]),
+    "base_pool": ("base pool, 1,200 updates of 2 steps, no step held", [*BASE_POOL, "objective.pool_hold=0"]),
+    "decision_base_pool": ("base pool, decision reward, 1,200 updates of 2 steps, no step held",
+                           [*BASE_POOL, "objective.pool_hold=0", *DECISION]),
+    "base_pool_hold2": ("base pool, the last 2 controlled steps held to the base (the default)",
+                        [*BASE_POOL, "objective.pool_hold=2"]),
+    "decision_base_pool_hold2": ("base pool, decision reward, the last 2 controlled steps held to the base (the default)",
+                                 [*BASE_POOL, "objective.pool_hold=2", *DECISION]),
 }
 
 

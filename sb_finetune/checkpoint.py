@@ -2,8 +2,9 @@
 
 `checkpoints/checkpoint_<step>` appears only complete: every process writes into `.partial-checkpoint_<step>`,
 and the main process renames it into place once all have finished (a rename is atomic). A folder holds the LoRA in
-diffusers' format, `config.yaml`, `trainer_state.json` (the step counters, JSON) and accelerate's optimizer,
-schedule and per-process RNG files, which accelerate reads with `torch.load(weights_only=True)`. Nothing is
+diffusers' format, `config.yaml`, `trainer_state.json` (the step counters, JSON), an estimator's own state where it
+keeps one (`estimator_state_<process>.safetensors`: base_pool's pool) and accelerate's optimizer, schedule and
+per-process RNG files, which accelerate reads with `torch.load(weights_only=True)`. Nothing is
 unpickled with code: counters are never registered with accelerate (it loads those with `weights_only=False`).
 
 `--resume latest` takes the newest checkpoint that every process can read whole, naming any newer one it skips and
@@ -24,6 +25,31 @@ STATE_FILE = "trainer_state.json"
 PARTIAL = ".partial-"
 # what a resume reads besides the adapter: accelerate's names (one RNG file per process)
 NEEDED = (ADAPTER_FILE, STATE_FILE, "optimizer.bin", "scheduler.bin")
+
+
+def estimator_file(process_index: int) -> str:
+    return f"estimator_state_{process_index}.safetensors"
+
+
+def save_estimator(folder: str, process_index: int, estimator) -> None:
+    """This process's estimator state (tensors), where the estimator keeps one (`state_dict`), as safetensors."""
+    state = estimator.state_dict() if hasattr(estimator, "state_dict") else {}
+    if state:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu() for k, v in state.items()}, os.path.join(folder, estimator_file(process_index)))
+
+
+def load_estimator(folder: str, process_index: int, estimator) -> bool:
+    """Load this process's saved estimator state into `estimator`; False where the checkpoint holds none for it
+    (a stateless estimator, a checkpoint from before, or a process that was not there)."""
+    path = os.path.join(folder, estimator_file(process_index))
+    if not (hasattr(estimator, "load_state_dict") and os.path.exists(path)):
+        return False
+    from safetensors.torch import load_file
+
+    estimator.load_state_dict(load_file(path))
+    return True
 
 
 def folder_of(out_dir: str) -> str:
@@ -88,8 +114,10 @@ def problem(folder: str, process_index: int) -> str | None:
             return f"{name} is missing"
     for name in sorted(files):
         path = os.path.join(folder, name)
-        if os.path.isdir(path) or (name.startswith("random_states_") and name != rng):
-            continue  # another process's RNG state is that process's to check
+        others = (name.startswith("random_states_") and name != rng) or (
+            name.startswith("estimator_state_") and name != estimator_file(process_index))
+        if os.path.isdir(path) or others:
+            continue  # another process's RNG or estimator state is that process's to check
         try:
             _read(path)
         except Exception as err:  # noqa: BLE001 (any parse failure makes the checkpoint unusable)

@@ -52,6 +52,7 @@ class ObjectiveConfig:
     weighted_target: str = "path"  # weighted: regress on the sampled transitions (path) or forward-noised endpoints (forward)
     clip_ratio: Optional[float] = None  # policy_gradient: PPO's ε on reused batches (optim.updates_per_batch > 1)
     pool_size: int = 2048  # base_pool: base paths each process draws once and resamples by exp(R/alpha)
+    pool_hold: int = 2  # base_pool: the last n controlled steps regress on the base's own prediction (no control there)
     min_ess: float = 0.5  # weighted: tempering keeps each group's effective sample size >= min_ess · G (0 = off)
     window_min: int = 1  # gradient window K ~ uniform[window_min, window_max] controlled steps
     window_max: Optional[int] = None  # None = all steps (unbiased); window_min == window_max = fixed K
@@ -349,10 +350,14 @@ def _validate(cfg: Config) -> None:
     for key in ("min_ess", "weighted_target"):
         if o.estimator != "weighted" and getattr(o, key) != getattr(ObjectiveConfig(), key):
             raise ConfigError(f"config key 'objective.{key}': only for objective.estimator=weighted (got {o.estimator!r})")
-    if o.estimator != "base_pool" and o.pool_size != ObjectiveConfig().pool_size:
-        raise ConfigError(f"config key 'objective.pool_size': only for objective.estimator=base_pool (got {o.estimator!r})")
+    for key in ("pool_size", "pool_hold"):
+        if o.estimator != "base_pool" and getattr(o, key) != getattr(ObjectiveConfig(), key):
+            raise ConfigError(f"config key 'objective.{key}': only for objective.estimator=base_pool (got {o.estimator!r})")
     if o.pool_size < 1:
         raise ConfigError(f"config key 'objective.pool_size': at least 1 path, got {o.pool_size}")
+    if o.estimator == "base_pool" and not 0 <= o.pool_hold < cfg.sampler.steps:
+        raise ConfigError(f"config key 'objective.pool_hold': 0 to sampler.steps - 1 = {cfg.sampler.steps - 1} steps held "
+                          f"to the base, got {o.pool_hold}")
     if o.kl_log_steps is not None and o.kl_log_steps < 1:
         raise ConfigError(f"config key 'objective.kl_log_steps': must be >= 1 (or null for every step), got {o.kl_log_steps}")
     ignored = [k for k in ("window_min", "window_max", "kl_grad", "kl_log_steps", "path_gradient") if getattr(o, k) != getattr(ObjectiveConfig(), k)]

@@ -141,8 +141,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     meta = {"base_model": cfg.model.pretrained, "family": fam.name, "sampler": {"steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
             "flow_method": cfg.sampler.flow_method, "guidance_scale": cfg.sampler.guidance_scale},
             "alpha": cfg.objective.alpha, "reward": reward.name}
-    # checkpoints hold the LoRA in diffusers' format (+ config.yaml), not the whole frozen model
-    accelerator.register_save_state_pre_hook(_save_hook(accelerator, pipe, module, meta, counters, cfg))
+    # checkpoints hold the LoRA in diffusers' format (+ config.yaml, an estimator's own state), not the frozen model
+    estimator = make_estimator(cfg.objective)
+    accelerator.register_save_state_pre_hook(_save_hook(accelerator, pipe, module, meta, counters, cfg, estimator))
     accelerator.register_load_state_pre_hook(_load_hook(module))
     history = []
     if resume:
@@ -151,8 +152,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         counters.step, counters.skipped = checkpoint.read_state(path)
         history = _read_history(out_dir, counters.step)
         _restart_lr_schedule(lr_schedule, cfg, counters.step, accelerator.num_processes)
+        if checkpoint.load_estimator(path, accelerator.process_index, estimator):
+            print(f"process {accelerator.process_index}: {estimator.name}'s state read from {path}", flush=True)
         accelerator.print(f"resumed from {path} at step {counters.step}")
-    estimator = make_estimator(cfg.objective)
     if accelerator.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
@@ -385,13 +387,15 @@ def _launched_alone() -> str | None:
     return None
 
 
-def _save_hook(accelerator, pipe, module, meta: dict, counters: Counters, cfg: Config):
+def _save_hook(accelerator, pipe, module, meta: dict, counters: Counters, cfg: Config, estimator):
     def hook(models_, weights, output_dir):
         if accelerator.is_main_process:
             save_lora_control(pipe, module, output_dir, {**meta, "steps": counters.step, "skipped_steps": counters.skipped})
             with open(os.path.join(output_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
             checkpoint.write_state(output_dir, counters.step, counters.skipped)
+        os.makedirs(output_dir, exist_ok=True)
+        checkpoint.save_estimator(output_dir, accelerator.process_index, estimator)  # each process its own
         weights.clear()  # the adapter file above is the model state; accelerate keeps optimizer, RNG, counters
 
     return hook

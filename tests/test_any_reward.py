@@ -159,10 +159,10 @@ def test_reward_only_estimators_train_the_mixture_half_way_to_the_tilt(name):
 
 def test_base_pool_trains_the_mixture_to_the_tilt_from_one_pool_of_base_paths():
     """Base paths, drawn once and resampled by exp(R/alpha), regressed as the model's own denoising target: the
-    trained control's endpoint weights move three quarters of the way to the tilt's (0.11 in total variation, against
-    the base's 0.39: the pool's denoiser, not the chain's optimum, which pathwise reaches within 0.03), while the same
-    pool unweighted barely moves them; the base samples the pool only on the first call, and the reward's gradient is
-    never asked for."""
+    trained control's endpoint weights move three quarters of the way to the tilt's (0.09 in total variation with the
+    last 2 steps held to the base, the default, 0.11 without, against the base's 0.39: the pool's denoiser, not the
+    chain's optimum, which pathwise reaches within 0.03), while the same pool unweighted barely moves them; the base
+    samples the pool only on the first call, and the reward's gradient is never asked for."""
     calls = {"grad": 0, "reward": 0}
 
     def reward(x):
@@ -180,15 +180,44 @@ def test_base_pool_trains_the_mixture_to_the_tilt_from_one_pool_of_base_paths():
     assert tv_untilted > 0.8 * tv_base, (tv_untilted, tv_base)  # the weights, not the regression, move the mass
 
 
+def test_base_pool_holds_its_last_steps_to_the_base():
+    """objective.pool_hold=3: the last 3 controlled steps regress on the base's own prediction, so their gradient is the
+    control's own KL there, deterministic and along the control (whatever the pool and the noise drawn); the other
+    steps keep the tilted pool's noisy denoising target. Holding every step is refused."""
+    gmm = three_blobs()
+    s, denoiser = mixture_chain("vp", 12)
+    control = PerStepShift(denoiser(gmm), s)
+    controlled = [k for k in range(s.num_steps) if bool(s.controlled[k])]
+    held, free = controlled[-3:], controlled[:-3]
+    reward = lambda x: x.detach() @ torch.tensor([0.5, 0.5])  # noqa: E731
+    grads = []
+    for seed in (0, 1):
+        control.c.grad = None
+        g = torch.Generator().manual_seed(seed)
+        est = BasePool(None, pool_size=64, hold=3)(Task(control, control.base, s, torch.randn(32, 2, generator=g), reward,
+                                                        1.0, generator=g, shared=torch.Generator().manual_seed(seed)))
+        est.backward()
+        grads.append(control.c.grad.clone())
+    for k in held:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6)  # no noise in the target
+        cos = torch.nn.functional.cosine_similarity(grads[0][k], control.c.detach()[k], dim=0)
+        assert cos > 0.999, (k, cos)  # the gradient of its own KL: shrink the control there
+    assert all(not torch.allclose(grads[0][k], grads[1][k], atol=1e-3) for k in free)
+    with pytest.raises(ValueError, match="holds every one of the chain's"):
+        BasePool(None, pool_size=8, hold=len(controlled))(Task(control, control.base, s, torch.randn(4, 2), reward, 1.0))
+
+
 def test_base_pool_config_and_its_one_prompt():
     from sb_finetune.config import ConfigError, load_config
     from sb_finetune.trainer import train
 
     est = make_estimator(load_config(None, ["objective.estimator=base_pool", "objective.pool_size=64",
-                                            "objective.grad_steps=2"]).objective)
-    assert isinstance(est, BasePool) and (est.pool_size, est.steps) == (64, 2)
+                                            "objective.grad_steps=2", "objective.pool_hold=3"]).objective)
+    assert isinstance(est, BasePool) and (est.pool_size, est.steps, est.hold) == (64, 2, 3)
     for overrides, match in ((["objective.pool_size=64"], "'objective.pool_size': only for objective.estimator=base_pool"),
                              (["objective.estimator=base_pool", "objective.pool_size=0"], "at least 1 path"),
+                             (["objective.pool_hold=3"], "'objective.pool_hold': only for objective.estimator=base_pool"),
+                             (["objective.estimator=base_pool", "objective.pool_hold=20"], "0 to sampler.steps - 1 = 19"),
                              (["objective.estimator=base_pool", "objective.window_min=3"], "only for the pathwise")):
         with pytest.raises(ConfigError, match=match):
             load_config(None, overrides)
@@ -196,19 +225,53 @@ def test_base_pool_config_and_its_one_prompt():
         train(load_config("configs/smoke.yaml", ["objective.estimator=base_pool"]))
 
 
-def test_trainer_runs_base_pool_on_a_reward_without_gradient(tmp_path):
+def test_trainer_runs_base_pool_on_a_reward_without_gradient_and_resumes_on_the_same_pool(tmp_path, capsys):
+    """A reward without a gradient (jpeg), 4 steps: the log's reward is the pool's, drawn once. Checkpoints keep each
+    process's pool, so a run stopped at step 2 and resumed neither scores new base paths nor ends anywhere but where
+    the uninterrupted run ends, bit for bit."""
+    from sb_finetune import checkpoint
     from sb_finetune.config import load_config
     from sb_finetune.trainer import train
 
-    overrides = ["optim.steps=3", "objective.estimator=base_pool", "objective.pool_size=6", "objective.grad_steps=2",
-                 "reward.name=jpeg_compressibility", "prompts.list=[a cat]", f"output.dir={tmp_path}",
-                 "logging.summary_samples=2", "logging.eval_every=0"]
-    out = train(load_config("configs/smoke.yaml", overrides))
+    overrides = ["optim.steps=4", "objective.estimator=base_pool", "objective.pool_size=6", "objective.grad_steps=2",
+                 "reward.name=jpeg_compressibility", "prompts.list=[a cat]", "logging.summary_samples=2",
+                 "logging.eval_every=0", "output.checkpoint_every=2", "optim.lr=1e-2"]
+    out = train(load_config("configs/smoke.yaml", [*overrides, f"output.dir={tmp_path / 'straight'}"]))
     history = out["history"]
-    assert len(history) == 3 and out["skipped"] == 0
+    assert len(history) == 4 and out["skipped"] == 0
     assert all(math.isfinite(h["loss"]) and 0 < h["pool_ess"] <= 1 for h in history)
-    assert history[0]["reward_mean"] == history[2]["reward_mean"]  # the pool's, drawn once
+    assert history[0]["reward_mean"] == history[3]["reward_mean"]  # the pool's, drawn once
     assert any(float(v.abs().max()) > 0 for k, v in out["lora"].items() if "lora.up" in k)
+
+    stopped = tmp_path / "stopped"
+    train(load_config("configs/smoke.yaml", [*overrides, "optim.steps=2", f"output.dir={stopped}"]))
+    saved = stopped / "checkpoints" / "checkpoint_2"
+    pool = BasePool()
+    assert checkpoint.load_estimator(str(saved), 0, pool) and pool.pool[0].shape[0] == 6
+    assert checkpoint.problem(str(saved), 0) is None and not checkpoint.load_estimator(str(saved), 1, BasePool())
+    capsys.readouterr()
+    resumed = train(load_config("configs/smoke.yaml", [*overrides, f"output.dir={stopped}"]), resume="latest")
+    assert f"base_pool's state read from {saved}" in capsys.readouterr().out
+    assert resumed["history"][2]["reward_mean"] == history[2]["reward_mean"]  # the same pool
+    for k, v in out["lora"].items():
+        assert torch.equal(v, resumed["lora"][k]), k
+
+
+def test_base_pool_leaves_out_paths_whose_reward_is_not_finite():
+    from sb_finetune.estimators.base_pool import finite_paths
+
+    ends, rewards = torch.arange(8.0).view(4, 2), torch.tensor([1.0, float("nan"), -float("inf"), 2.0])
+    with pytest.warns(UserWarning, match="2 of the pool's 4 base paths have a non-finite reward and are left out"):
+        kept_ends, kept = finite_paths(ends, rewards)
+    assert kept.tolist() == [1.0, 2.0] and kept_ends.tolist() == [[0.0, 1.0], [6.0, 7.0]]
+    with pytest.raises(ValueError, match="not finite on any of the 2 base paths"):
+        finite_paths(ends[:2], torch.full((2,), float("nan")))
+    pool = BasePool()
+    assert pool.state_dict() == {}
+    pool.load_state_dict({"pool_ends": kept_ends, "pool_rewards": kept})
+    assert torch.equal(pool.state_dict()["pool_rewards"], kept)
+    with pytest.raises(ValueError, match="a saved pool of 2 paths with rewards of shape"):
+        pool.load_state_dict({"pool_ends": kept_ends, "pool_rewards": kept[:1]})
 
 
 # --------------------------------------------------------------------------- reward servers

@@ -244,15 +244,22 @@ def _launch_two_ranks(out_dir: Path, *overrides: str) -> None:
 
 @pytest.mark.parametrize("estimator", [("objective.kl_grad=window",), ("objective.kl_grad=all",),
                                        ("objective.path_gradient=stl", "objective.checkpointing=true"),
-                                       ("objective.estimator=adjoint", "objective.adjoint_steps=3")], ids=lambda e: e[0])
+                                       ("objective.estimator=adjoint", "objective.adjoint_steps=3"),
+                                       ("objective.estimator=base_pool", "objective.pool_size=4", "objective.grad_steps=2",
+                                        "prompts.list=[a cat]", "output.checkpoint_every=4")], ids=lambda e: e[0])
 def test_two_processes_end_with_identical_trained_control(tmp_path, estimator):
     """With kl_grad=all every step before the window has its own local backward (DDP's no_sync), reduced with the
     window's; Adjoint Matching backpropagates each regressed step on its own, all-reduced with the last; stl calls the
-    policy a second time, outside DDP, with its weights held fixed (checkpointed: recomputed in the backward). Were any
+    policy a second time, outside DDP, with its weights held fixed (checkpointed: recomputed in the backward); base_pool
+    regresses each process's own pool (kept in the checkpoint, one file a process) at steps both draw alike. Were any
     left out of that all-reduce, the ranks would end with different weights."""
     from sb_finetune.pipelines import SBStableDiffusionPipeline
 
     _launch_two_ranks(tmp_path, "optim.steps=4", "optim.lr=1e-2", *estimator)
+    if "objective.estimator=base_pool" in estimator:
+        pools = [load_file(tmp_path / "checkpoints" / "checkpoint_4" / f"estimator_state_{i}.safetensors") for i in (0, 1)]
+        assert all(p["pool_ends"].shape[0] == 4 for p in pools)
+        assert not torch.equal(pools[0]["pool_ends"], pools[1]["pool_ends"])  # each process drew its own
     r0, r1 = (load_file(tmp_path / f"rank{i}_of_2.safetensors") for i in (0, 1))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     lora_b = [v for k, v in r0.items() if "lora_B" in k or "lora.up" in k]

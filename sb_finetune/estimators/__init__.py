@@ -161,5 +161,5 @@ def make_estimator(objective) -> Estimator:
     if objective.estimator == "base_pool":
         from .base_pool import BasePool
 
-        return BasePool(objective.grad_steps, objective.pool_size)
+        return BasePool(objective.grad_steps, objective.pool_size, objective.pool_hold)
     raise ValueError(f"objective.estimator {objective.estimator!r}: one of {ESTIMATORS}")
