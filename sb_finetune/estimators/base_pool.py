@@ -80,7 +80,7 @@ class BasePool:
             self.pool = self.fill(task)
         ends, rewards = (v.to(task.x0.device) for v in self.pool)
         s, alpha, b = task.schedule, task.alpha, task.x0.shape[0]
-        log_w = rewards.to(ends.device) / alpha
+        log_w = rewards / alpha
         weights = torch.softmax(log_w.double(), 0).float()
         if self.hold >= len(task.controlled):
             raise ValueError(f"objective.pool_hold={self.hold} holds every one of the chain's {len(task.controlled)} "
@@ -106,7 +106,7 @@ class BasePool:
 
         none = ends.new_zeros(b, s.num_steps)
         ess = float(effective_sample_size(log_w.double())) / len(log_w)
-        return Estimate(rewards[:b].to(ends.device), none, none, alpha, k_steps, backward, checks=(rewards,),
+        return Estimate(rewards[:b], none, none, alpha, k_steps, backward, checks=(rewards,),
                         extra={"pool_ess": ess, "pool_reward_tilted": float((weights * rewards).sum())})
 
 
