@@ -88,6 +88,26 @@ def sample_paths(fam, module, schedule, reward, prompts: list[str], n: int, batc
     return Paths(torch.cat(images), torch.cat(rewards), torch.cat(kls), torch.cat(ratios))
 
 
+def distance(paths: Paths, alpha: float, best) -> dict[str, float]:
+    """How far the control that drew `paths` is from the optimum `best` (a `TiltedOptimum`), in nats.
+
+    objective: alpha·KL(P_θ ‖ P*) = E[alpha·Σ_k log dP_θ/dP_base − R] + alpha·log Z*, path by path; the log-ratio makes
+    it constant along paths at the optimum, so it is the low-variance estimate. objective_by_kl: the same with the
+    per-step KL in place of the sampled log-ratio (objective − optimum's objective); the two differ by the martingale
+    Σ_k (μ_θ − μ_base)·z_k / σ_k, mean zero, which one fixed seed does not average away (README, "How sure the distance is").
+    Their standard errors count the paths' spread and the optimum's own (`objective_se`), as independent."""
+    n = paths.reward.numel()
+    r = paths.reward.double()
+    by_path = alpha * paths.log_ratio.sum(1).double() - r + alpha * best.log_z
+    by_kl = alpha * paths.kl.sum(1).double() - r + alpha * best.log_z
+
+    def se(v: torch.Tensor) -> float:
+        return math.sqrt(float(v.var()) / n + best.objective_se**2)
+
+    return {"objective": float(by_path.mean()), "objective_se": se(by_path), "objective_by_kl": float(by_kl.mean()),
+            "objective_by_kl_se": se(by_kl), "kl": float(paths.kl.sum(1).mean()) - best.kl}
+
+
 def _weighted_metrics(reward, images: torch.Tensor, weights: torch.Tensor, device) -> dict:
     """The reward's own metrics reweighted to p*, where it takes `weights` (else none)."""
     if "weights" not in inspect.signature(getattr(reward, "metrics", lambda images: None)).parameters:
@@ -145,9 +165,7 @@ def summarize(fam, module, schedule, reward, prompts: list[str], n: int, batch: 
                               **_weighted_metrics(reward, images, best.weights, device),
                               **{f"eval/{name}": float((best.weights * torch.cat([base_scores[name], v])).sum())
                                  for name, v in scores.items()}}
-        excess = alpha * paths.log_ratio.sum(1).double() - paths.reward.double() + alpha * best.log_z
-        numbers["gap"] = {"objective": float(excess.mean()), "objective_se": float(excess.std()) / n**0.5,
-                          "kl": float(kl.mean()) - best.kl}
+        numbers["gap"] = distance(paths, alpha, best)
     return numbers, paths.images
 
 

@@ -68,9 +68,12 @@ class TiltedOptimum:
     reward_mean: float  # E_p*[R]
     kl: float  # KL(p* || p_base) = E_p*[R] / alpha − log Z, nats
     ess: float  # effective sample size 1 / Σ w_i²: how far to trust the estimate
+    log_z_se: float = 0.0  # standard error of log Z (delta method: Var log Ẑ ≈ Var(v)/(n E[v]²) = 1/ESS − 1/n)
+    objective_se: float = 0.0  # alpha · log_z_se (README, "How sure the distance is": one seed's draw sat 2–3 off)
 
     def numbers(self) -> dict[str, float]:
-        return {"objective": self.objective, "kl": self.kl, "reward_mean": self.reward_mean, "effective_samples": self.ess}
+        return {"objective": self.objective, "objective_se": self.objective_se, "kl": self.kl, "reward_mean": self.reward_mean,
+                "effective_samples": self.ess}
 
 
 def tilted_optimum(reward: Tensor, alpha: float, log_proposal: Tensor | None = None) -> TiltedOptimum:
@@ -85,7 +88,10 @@ def tilted_optimum(reward: Tensor, alpha: float, log_proposal: Tensor | None = N
     log_z = float(torch.logsumexp(logw, 0) - math.log(r.numel()))
     w = torch.softmax(logw, 0)
     r_mean = float((w * r).sum())
-    return TiltedOptimum(w.float(), log_z, -alpha * log_z, r_mean, r_mean / alpha - log_z, float(1 / (w * w).sum()))
+    ess = float(1 / (w * w).sum())
+    log_z_se = math.sqrt(max(1 / ess - 1 / r.numel(), 0.0))
+    return TiltedOptimum(w.float(), log_z, -alpha * log_z, r_mean, r_mean / alpha - log_z, ess, log_z_se,
+                          alpha * log_z_se)
 
 
 def optimum_kl_profile(base, schedule, reward, alpha: float, trajectories: list[Tensor], continuations: int = 32,
@@ -95,14 +101,45 @@ def optimum_kl_profile(base, schedule, reward, alpha: float, trajectories: list[
 
     Step k of P* is p_base(x'|x) h_{k+1}(x') / h_k(x) with h_k(x) = E_base[exp(R(x_N)/alpha) | x_k = x], so
     KL*_k = E_P*[log h_{k+1}(x_{k+1}) − log h_k(x_k)], summing to KL(P* ‖ P_base). `trajectories` (x_0 … x_N, each
-    [n, ...]) are paths of P* (e.g. base paths resampled by exp(R/alpha)); log h_k at each of their states is estimated
-    from `continuations` base chains run on from it (log of the mean, less its first-order bias var/(2 M mean²)).
+    [n, ...]) are paths of P* (e.g. base paths resampled by exp(R/alpha)); log h_k at their states: `log_h_along`.
 
     The optimal transition's mean moves by u*_k = σ_k E[w z] / E[w] (w = exp(R/alpha) of a continuation, z its first
     step's noise: Stein's identity); a Gaussian step with that mean carries ||u*_k||²/(2σ_k²) of KL*_k, and
-    KL*_k − ||u*_k||²/(2σ_k²) = KL(p*_k ‖ N(μ_k + u*_k, σ_k²)) is what no mean shift can carry: the chain's coarseness.
-    ||u*||² is estimated from two independent halves of the continuations (û_A · û_B, unbiased up to the ratios).
-    `reward` maps final states to [n] rewards. Cost: n · M · N(N+1)/2 base steps."""
+    KL*_k − ||u*_k||²/(2σ_k²) = KL(p*_k ‖ N(μ_k + u*_k, σ_k²)) is what no mean shift can carry: the chain's coarseness."""
+    log_h, gaussian = log_h_along(base, schedule, reward, alpha, trajectories, continuations, batch, generator)
+    return (log_h[1:] - log_h[:-1]).mean(1).float(), gaussian.float()
+
+
+def gap_profile(base, schedule, reward, alpha: float, trajectories: list[Tensor], log_ratio: Tensor, log_z: float,
+                continuations: int = 32, batch: int = 1024, generator: torch.Generator | None = None,
+                proposal=None) -> Tensor:
+    """Where along the chain a control loses to the optimum: [N + 1], G_k = alpha·KL between the first k steps of its
+    paths and of P*'s (the marginals of (x_0 … x_k)), nats; G_N is the whole gap alpha·KL(P_θ ‖ P*).
+
+    P*'s first k steps have density dP_base · h_k(x_k) / Z against the base's, so with the control's log-ratio
+    ℓ_j = log dP_θ/dP_base of step j:  G_k = alpha · E_θ[Σ_{j<k} ℓ_j − log h_k(x_k)] + alpha·log Z. It telescopes:
+    each G_k rests on one estimate of log h (from `continuations` chains a state, `log_h_along`), so its noise does not
+    add up along the chain; G_0 ≈ 0 on a memoryless sampler (h_0 = Z), G_N uses log h_N = R/alpha, exact. Its steps
+    G_{k+1} − G_k = alpha·E_θ[KL(p_θ(·|x_{0:k}) ‖ p*(·|x_{0:k}))] ≥ 0 (up to noise): the gap made at step k.
+    `trajectories` (x_0 … x_N, each [n, ...]) and `log_ratio` ([n, N]) are the control's own paths, as
+    `rollout(..., return_trajectory=True)` gives them; `log_z` the optimum's (summary.json: −objective / alpha).
+    proposal: the control itself, to run the continuations with (`log_h_along`): near the optimum far fewer are needed."""
+    log_h, _ = log_h_along(base, schedule, reward, alpha, trajectories, continuations, batch, generator, proposal)
+    before = torch.cat([log_ratio.new_zeros(log_ratio.shape[0], 1), log_ratio.cumsum(1)], dim=1).double().T  # [N+1, n]
+    return (alpha * ((before - log_h).mean(1) + log_z)).float()
+
+
+def log_h_along(base, schedule, reward, alpha: float, trajectories: list[Tensor], continuations: int = 32,
+                batch: int = 1024, generator: torch.Generator | None = None, proposal=None) -> tuple[Tensor, Tensor]:
+    """log h_k(x_k) = log E_base[exp(R(x_N)/alpha) | x_k] at every state of n paths ([N + 1, n], float64; row N is
+    R/alpha itself), from `continuations` base chains run on from each state (log of their mean, less its first-order
+    bias var/(2 M mean²)); and ||u*_k||²/(2σ_k²) per step ([N]), the KL a mean shift of the optimal step carries
+    (`optimum_kl_profile`), ||u*||² from two independent halves of the continuations (û_A · û_B, unbiased up to the
+    ratios). `reward` maps final states to [n] rewards. Cost: n · M · N(N+1)/2 base steps.
+
+    proposal: a control to run the continuations with instead, each weighted by exp(R/alpha − Σ log dP_q/dP_base)
+    (h_k = E_q[that | x_k]); near the optimum the weight is nearly constant, so a few continuations estimate log h
+    where the base's need hundreds at the states early in the chain (twice the model calls each; mean shifts: zeros)."""
     from .rollout import rollout
     from .sde import schedule_tail
 
@@ -115,13 +152,16 @@ def optimum_kl_profile(base, schedule, reward, alpha: float, trajectories: list[
         tail = schedule_tail(schedule, k)
         starts = trajectories[k].repeat_interleave(continuations, dim=0)
         ends, noise = [], []
+        correction = []  # Σ log dP_q/dP_base of each continuation (proposal only)
         for chunk in starts.split(batch):
-            out = rollout(base, base, tail, chunk, window=0, generator=generator, compute_kl=False,
-                          return_trajectory=True, return_means=True)
+            out = rollout(base if proposal is None else proposal, base, tail, chunk, window=0, generator=generator,
+                          compute_kl=proposal is not None, return_trajectory=True, return_means=True)
             ends.append(out.x)
+            correction.append(out.log_ratio.sum(1).double())
             std = float(schedule.std[k])
-            noise.append(((out.trajectory[1] - out.means[0]) / std if std > 0 else torch.zeros_like(out.x)).flatten(1).double())
-        logw = (reward(torch.cat(ends)).double() / alpha).view(n, continuations)
+            noise.append(((out.trajectory[1] - out.means[0]) / std if std > 0 and proposal is None
+                          else torch.zeros_like(out.x)).flatten(1).double())
+        logw = (reward(torch.cat(ends)).double() / alpha - torch.cat(correction)).view(n, continuations)
         log_mean = torch.logsumexp(logw, 1) - math.log(continuations)
         rel_var = torch.exp(2 * (logw - log_mean[:, None])).mean(1) - 1  # Var[w] / mean², per state
         log_h[k] = log_mean + rel_var / (2 * continuations)
@@ -129,4 +169,4 @@ def optimum_kl_profile(base, schedule, reward, alpha: float, trajectories: list[
         wa, wb = torch.softmax(logw[:, :half], 1), torch.softmax(logw[:, half:], 1)
         ua, ub = (wa[..., None] * z[:, :half]).sum(1), (wb[..., None] * z[:, half:]).sum(1)  # u*/σ, two halves
         gaussian[k] = 0.5 * (ua * ub).sum(1).mean()
-    return (log_h[1:] - log_h[:-1]).mean(1).float(), gaussian.float()
+    return log_h, gaussian

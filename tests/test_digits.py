@@ -1,5 +1,6 @@
 """The shipped digits models: the classifier reads real digits, the DDPM draws digits of every class, the reward works."""
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -63,6 +64,9 @@ def test_a_short_default_run_raises_the_reward_and_writes_its_summary(tmp_path):
     assert best["effective_samples"] > summary["optimum_base_only"]["effective_samples"]
     gap = summary["gap_after"]  # alpha·KL(P_θ ‖ P*) on paths: ≥ 0 up to noise, and what is left to gain
     assert gap["objective"] > -3 * gap["objective_se"] and gap["objective"] < summary["objective_after"]
+    # the same distance by the per-step KL: the summary's objective less the optimum's; both count the optimum's error
+    assert gap["objective_by_kl"] == pytest.approx(summary["objective_after"] - best["objective"], abs=1e-4)
+    assert min(gap["objective_se"], gap["objective_by_kl_se"]) > best["objective_se"] > 0
     assert len(summary["kl_per_step_after"]) == 20 and abs(sum(summary["kl_per_step_after"]) - summary["kl_after"]) < 1e-3
     for name in ("samples_before.png", "samples_after.png", "curves.png", "pytorch_lora_weights.safetensors"):
         assert (tmp_path / name).exists(), name
