@@ -102,8 +102,7 @@ def measure(folder: str) -> dict:
 
     from sb_finetune.config import load_config
     from sb_finetune.data import load_prompts
-    from sb_finetune.evaluation import distance, sample_paths
-    from sb_finetune.objective import tilted_optimum
+    from sb_finetune.evaluation import distance, mixture_optimum, sample_paths
     from sb_finetune.pipelines import load_finetuned
     from sb_finetune.rewards import load_reward
 
@@ -118,9 +117,7 @@ def measure(folder: str) -> dict:
     paths = sample_paths(fam, fam.module, schedule, reward, prompts, SAMPLES, 128, seed=777)
     base = sample_paths(fam, fam.module, schedule, reward, prompts, SAMPLES, 128, seed=777, from_base=True)
     alpha = cfg.objective.alpha
-    log_ratio = torch.cat([base.log_ratio, paths.log_ratio]).sum(1)
-    best = tilted_optimum(torch.cat([base.reward, paths.reward]), alpha,
-                          log_proposal=torch.logaddexp(torch.zeros_like(log_ratio), log_ratio) - math.log(2))
+    best = mixture_optimum(base, paths, alpha)
     second = distance(paths, alpha, best)
     per_path = alpha * paths.log_ratio.sum(1).double() - paths.reward.double() + alpha * best.log_z  # alpha·log dP_θ/dP*
     with torch.no_grad():

@@ -88,6 +88,14 @@ def sample_paths(fam, module, schedule, reward, prompts: list[str], n: int, batc
     return Paths(torch.cat(images), torch.cat(rewards), torch.cat(kls), torch.cat(ratios))
 
 
+def mixture_optimum(base_paths: Paths, paths: Paths, alpha: float):
+    """The optimum (`tilted_optimum`) from n base paths scored against the control and n paths of the control: both
+    sets drawn from the mixture ½ P_base + ½ P_θ, whose density to P_base is ½ + ½ exp(log dP_θ/dP_base)."""
+    log_ratio = torch.cat([base_paths.log_ratio, paths.log_ratio]).sum(1)
+    return tilted_optimum(torch.cat([base_paths.reward, paths.reward]), alpha,
+                          log_proposal=torch.logaddexp(torch.zeros_like(log_ratio), log_ratio) - math.log(2))
+
+
 def distance(paths: Paths, alpha: float, best) -> dict[str, float]:
     """How far the control that drew `paths` is from the optimum `best` (a `TiltedOptimum`), in nats.
 
@@ -155,10 +163,7 @@ def summarize(fam, module, schedule, reward, prompts: list[str], n: int, batch: 
                               **{f"eval/{name}": float((best.weights * v).sum()) for name, v in scores.items()}}
     elif optimum == "both":
         base_paths = sample_paths(*args, from_base=True)
-        r = torch.cat([base_paths.reward, paths.reward])
-        log_ratio = torch.cat([base_paths.log_ratio, paths.log_ratio]).sum(1)
-        # both sets, drawn from the mixture ½ P_base + ½ P_θ: its density to P_base is ½ + ½ exp(log dP_θ/dP_base)
-        best = tilted_optimum(r, alpha, log_proposal=torch.logaddexp(torch.zeros_like(log_ratio), log_ratio) - math.log(2))
+        best = mixture_optimum(base_paths, paths, alpha)
         images = torch.cat([base_paths.images, paths.images])
         base_scores = {name: _scores(r, base_paths.images, prompts, device) for name, r in (held_out or {}).items()}
         numbers["optimum"] = {**best.numbers(), "estimated_from": f"{n} base and {n} trained samples",

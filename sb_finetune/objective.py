@@ -151,22 +151,22 @@ def log_h_along(base, schedule, reward, alpha: float, trajectories: list[Tensor]
     for k in range(n_steps):
         tail = schedule_tail(schedule, k)
         starts = trajectories[k].repeat_interleave(continuations, dim=0)
-        ends, noise = [], []
-        correction = []  # Σ log dP_q/dP_base of each continuation (proposal only)
+        ends, noise, correction = [], [], []  # correction: Σ log dP_q/dP_base of each continuation (0 without proposal)
+        std = float(schedule.std[k])
         for chunk in starts.split(batch):
             out = rollout(base if proposal is None else proposal, base, tail, chunk, window=0, generator=generator,
                           compute_kl=proposal is not None, return_trajectory=True, return_means=True)
             ends.append(out.x)
             correction.append(out.log_ratio.sum(1).double())
-            std = float(schedule.std[k])
-            noise.append(((out.trajectory[1] - out.means[0]) / std if std > 0 and proposal is None
-                          else torch.zeros_like(out.x)).flatten(1).double())
+            if proposal is None and std > 0:  # the first step's noise under the base: the optimal mean shift
+                noise.append(((out.trajectory[1] - out.means[0]) / std).flatten(1).double())
         logw = (reward(torch.cat(ends)).double() / alpha - torch.cat(correction)).view(n, continuations)
         log_mean = torch.logsumexp(logw, 1) - math.log(continuations)
         rel_var = torch.exp(2 * (logw - log_mean[:, None])).mean(1) - 1  # Var[w] / mean², per state
         log_h[k] = log_mean + rel_var / (2 * continuations)
-        z = torch.cat(noise).view(n, continuations, -1)
-        wa, wb = torch.softmax(logw[:, :half], 1), torch.softmax(logw[:, half:], 1)
-        ua, ub = (wa[..., None] * z[:, :half]).sum(1), (wb[..., None] * z[:, half:]).sum(1)  # u*/σ, two halves
-        gaussian[k] = 0.5 * (ua * ub).sum(1).mean()
+        if noise:
+            z = torch.cat(noise).view(n, continuations, -1)
+            wa, wb = torch.softmax(logw[:, :half], 1), torch.softmax(logw[:, half:], 1)
+            ua, ub = (wa[..., None] * z[:, :half]).sum(1), (wb[..., None] * z[:, half:]).sum(1)  # u*/σ, two halves
+            gaussian[k] = 0.5 * (ua * ub).sum(1).mean()
     return log_h, gaussian
