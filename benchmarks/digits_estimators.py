@@ -57,6 +57,14 @@ ROWS = {
                         [*BASE_POOL, "objective.pool_hold=2"]),
     "decision_base_pool_hold2": ("base pool, decision reward, the last 2 controlled steps held to the base (the default)",
                                  [*BASE_POOL, "objective.pool_hold=2", *DECISION]),
+    # two-stage: started from the row above's adapter (run it first), 120 steps of a reward-only gradient at lr 1e-3
+    "decision_pool_then_policy_gradient": ("decision, policy gradient from the base pool's adapter (hold 2), 120 steps",
+                                           ["objective.estimator=policy_gradient", "objective.grad_steps=4", "optim.lr=1e-3",
+                                            "optim.steps=120", f"control.init_from={os.path.join(OUT, 'decision_base_pool_hold2')}",
+                                            *DECISION]),
+    "decision_pool_then_weighted": ("decision, weighted from the base pool's adapter (hold 2), 120 steps",
+                                    ["objective.estimator=weighted", "objective.grad_steps=4", "optim.lr=1e-3", "optim.steps=120",
+                                     f"control.init_from={os.path.join(OUT, 'decision_base_pool_hold2')}", *DECISION]),
 }
 
 

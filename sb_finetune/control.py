@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -212,20 +213,53 @@ def save_lora_control(pipe, module: torch.nn.Module, out_dir: str, metadata: dic
 
 
 def load_lora_control(module: torch.nn.Module, folder: str) -> None:
-    """Load the weights of a saved adapter (`save_lora_control`'s file) into `module`'s attached adapter."""
+    """Load the weights of a saved adapter (`save_lora_control`'s file, diffusers' LoRA format) into `module`'s attached
+    adapter. It must fit exactly, module for module and shape for shape; otherwise a ValueError names the folder and
+    the first differences (a rank, a module the file lacks or has in excess), and the module is left as it was."""
     import os
 
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
     module = getattr(module, "module", module)
     saved = load_file(os.path.join(folder, ADAPTER_FILE))
     state = convert_unet_state_dict_to_peft({k.split(".", 1)[1]: v for k, v in saved.items()})  # drop "unet."/"transformer."
-    result = set_peft_model_state_dict(module, state, adapter_name="default")
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"the adapter in '{folder}' does not fit this model: unexpected keys {unexpected[:3]}")
+    own = get_peft_model_state_dict(module)
+    extra, missing = sorted(set(state) - set(own)), sorted(set(own) - set(state))
+    shapes = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} here" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    scale = _saved_scale(os.path.join(folder, ADAPTER_FILE))
+    config = module.peft_config["default"]
+    if scale is not None and not math.isclose(scale, config.lora_alpha / config.r, rel_tol=1e-6):
+        shapes.append(f"scale lora_alpha / r: {scale:g} in the file, {config.lora_alpha / config.r:g} here (control.lora_alpha)")
+    if extra or missing or shapes:
+        said = [f"modules the file has and this adapter lacks: {extra[:3]}" if extra else "",
+                f"modules this adapter has and the file lacks: {missing[:3]}" if missing else "",
+                f"shapes or scale differ: {shapes[:2]}" if shapes else ""]
+        raise ValueError(f"the adapter in '{folder}' does not fit this model's: " + "; ".join(x for x in said if x) +
+                         " (an adapter loads only into one of the same rank, target modules and scale: control.rank, "
+                         "control.target_modules, control.lora_alpha)")
+    set_peft_model_state_dict(module, state, adapter_name="default")
+
+
+def _saved_scale(path: str) -> float | None:
+    """lora_alpha / r of the peft config a LoRA file carries in its header (ours: {"unet": {...}}; diffusers' stock
+    writer: {"unet.r": ..., "unet.lora_alpha": ...}); None when it carries none."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    meta = json.loads(raw)
+    flat = next((v for v in meta.values() if isinstance(v, dict)), None) or {k.split(".")[-1]: v for k, v in meta.items()}
+    if not flat.get("r") or flat.get("lora_alpha") is None:
+        return None
+    return float(flat["lora_alpha"]) / float(flat["r"])
 
 
 def jsonable(d: dict) -> dict:

@@ -44,6 +44,23 @@ class Counters:
         self.step, self.skipped = 0, 0
 
 
+def _start_from(module, cfg: Config) -> None:
+    """Load `control.init_from` (a folder or hub id) into the adapter just attached, or stop with what does not fit."""
+    from .hub import read_adapter_folder, resolve_adapter_folder
+
+    folder = resolve_adapter_folder(cfg.control.init_from)
+    meta = read_adapter_folder(folder, require_metadata=False)
+    other = meta.get("base_model") not in (None, cfg.model.pretrained)
+    said = f"control.init_from '{cfg.control.init_from}' was trained on {meta.get('base_model')}; this run fine-tunes " \
+           f"{cfg.model.pretrained}"
+    try:
+        load_lora_control(module, folder)
+    except ValueError as err:
+        raise ValueError(f"{said}: {err}" if other else str(err)) from None
+    if other:  # it fits (e.g. the same model under another path or id): say so, go on
+        warnings.warn(said)
+
+
 def build_reward(cfg: Config):
     from sb_finetune.rewards import WeightedSum, load_reward
 
@@ -130,6 +147,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         cfg.objective.paired_calls = auto_paired_calls(fam, cfg.optim.batch_size, size, 2 if cfg.sampler.guidance_scale > 1 else 1)
     module = fam.module
     params = add_lora_control(module, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
+    if cfg.control.init_from:  # continue from a saved adapter; a resume's checkpoint, loaded later, overrides it
+        _start_from(module, cfg)
     for part in pipe.components.values():  # every frozen network: VAE, text encoders (CLIP, T5, Qwen2.5-VL, …)
         if isinstance(part, torch.nn.Module) and part is not module:
             part.requires_grad_(False)

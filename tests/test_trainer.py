@@ -202,6 +202,32 @@ def test_resume_continues_exactly(tmp_path):
     assert any(not torch.equal(v, first["lora"][k]) for k, v in resumed["lora"].items())
 
 
+def test_a_run_starts_from_a_saved_adapter_and_refuses_one_that_does_not_fit(tmp_path):
+    """`control.init_from`: the saved adapter is the run's starting control (at lr 0 its one step changes nothing, and
+    that step already pays KL where a fresh adapter's pays none); a different rank, module list or scale, or no
+    adapter at all, stops the run with what differs."""
+    from sb_finetune.trainer import train
+
+    first = train(_smoke(tmp_path / "first", "optim.lr=1e-2"))
+    again = train(_smoke(tmp_path / "again", f"control.init_from={tmp_path / 'first'}", "optim.lr=0", "optim.steps=1"))
+    assert first["lora"].keys() == again["lora"].keys()
+    for k, v in first["lora"].items():
+        assert torch.equal(v, again["lora"][k]), k
+    fresh = train(_smoke(tmp_path / "fresh", "optim.lr=0", "optim.steps=1"))
+    assert again["history"][0]["kl"] > 1e-6 and fresh["history"][0]["kl"] == 0
+    assert load_config(str(tmp_path / "again" / "config.yaml")).control.init_from == str(tmp_path / "first")
+
+    start = f"control.init_from={tmp_path / 'first'}"
+    with pytest.raises(ValueError, match=r"shapes or scale differ: .*lora_A.*\(4, \d+\) in the file, \(2, \d+\) here"):
+        train(_smoke(tmp_path / "bad", start, "control.rank=2"))
+    with pytest.raises(ValueError, match="the file has and this adapter lacks"):
+        train(_smoke(tmp_path / "bad", start, "control.target_modules=[to_q,to_k]"))
+    with pytest.raises(ValueError, match=r"scale lora_alpha / r: 1 in the file, 2 here"):
+        train(_smoke(tmp_path / "bad", start, "control.lora_alpha=8"))
+    with pytest.raises(FileNotFoundError, match="not an adapter folder"):
+        train(_smoke(tmp_path / "bad", f"control.init_from={tmp_path / 'nowhere' / 'x'}"))
+
+
 def test_eval_grids_are_written_before_during_and_after(tmp_path):
     from PIL import Image
 
