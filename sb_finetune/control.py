@@ -256,7 +256,8 @@ def _saved_scale(path: str) -> float | None:
     if not raw:
         return None
     meta = json.loads(raw)
-    flat = next((v for v in meta.values() if isinstance(v, dict)), None) or {k.split(".")[-1]: v for k, v in meta.items()}
+    nested = next((v for v in meta.values() if isinstance(v, dict) and "r" in v), None)
+    flat = nested or {k.split(".")[-1]: v for k, v in meta.items()}
     if not flat.get("r") or flat.get("lora_alpha") is None:
         return None
     return float(flat["lora_alpha"]) / float(flat["r"])

@@ -216,6 +216,12 @@ def test_a_run_starts_from_a_saved_adapter_and_refuses_one_that_does_not_fit(tmp
     fresh = train(_smoke(tmp_path / "fresh", "optim.lr=0", "optim.steps=1"))
     assert again["history"][0]["kl"] > 1e-6 and fresh["history"][0]["kl"] == 0
     assert load_config(str(tmp_path / "again" / "config.yaml")).control.init_from == str(tmp_path / "first")
+    bare = tmp_path / "bare"  # the LoRA file alone, as another tool would hand it over: no sb_finetune.json
+    bare.mkdir()
+    adapter_file = "pytorch_lora_weights.safetensors"
+    (bare / adapter_file).write_bytes((tmp_path / "first" / adapter_file).read_bytes())
+    from_bare = train(_smoke(tmp_path / "from_bare", f"control.init_from={bare}", "optim.lr=0", "optim.steps=1"))
+    assert all(torch.equal(v, from_bare["lora"][k]) for k, v in first["lora"].items())
 
     start = f"control.init_from={tmp_path / 'first'}"
     with pytest.raises(ValueError, match=r"shapes or scale differ: .*lora_A.*\(4, \d+\) in the file, \(2, \d+\) here"):
