@@ -224,16 +224,18 @@ def load_lora_control(module: torch.nn.Module, folder: str) -> None:
     from safetensors.torch import load_file
 
     module = getattr(module, "module", module)
-    saved = load_file(os.path.join(folder, ADAPTER_FILE))
+    path = os.path.join(folder, ADAPTER_FILE)
+    saved = load_file(path)
     state = convert_unet_state_dict_to_peft({k.split(".", 1)[1]: v for k, v in saved.items()})  # drop "unet."/"transformer."
     own = get_peft_model_state_dict(module)
     extra, missing = sorted(set(state) - set(own)), sorted(set(own) - set(state))
     shapes = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} here" for k, v in own.items()
               if k in state and state[k].shape != v.shape]
-    scale = _saved_scale(os.path.join(folder, ADAPTER_FILE))
-    config = module.peft_config["default"]
-    if scale is not None and not math.isclose(scale, config.lora_alpha / config.r, rel_tol=1e-6):
-        shapes.append(f"scale lora_alpha / r: {scale:g} in the file, {config.lora_alpha / config.r:g} here (control.lora_alpha)")
+    config, theirs = module.peft_config["default"], saved_lora_config(path)
+    if theirs.get("r") and theirs.get("lora_alpha") is not None:
+        scale, own_scale = theirs["lora_alpha"] / theirs["r"], config.lora_alpha / config.r
+        if not math.isclose(scale, own_scale, rel_tol=1e-6):
+            shapes.append(f"scale lora_alpha / r: {scale:g} in the file, {own_scale:g} here (control.lora_alpha)")
     if extra or missing or shapes:
         said = [f"modules the file has and this adapter lacks: {extra[:3]}" if extra else "",
                 f"modules this adapter has and the file lacks: {missing[:3]}" if missing else "",
@@ -244,9 +246,9 @@ def load_lora_control(module: torch.nn.Module, folder: str) -> None:
     set_peft_model_state_dict(module, state, adapter_name="default")
 
 
-def _saved_scale(path: str) -> float | None:
-    """lora_alpha / r of the peft config a LoRA file carries in its header (ours: {"unet": {...}}; diffusers' stock
-    writer: {"unet.r": ..., "unet.lora_alpha": ...}); None when it carries none."""
+def saved_lora_config(path: str) -> dict:
+    """The peft config a LoRA file carries in its safetensors header (ours: {"unet": {...}}; diffusers' stock writer:
+    {"unet.r": ..., "unet.lora_alpha": ...}), as one flat dict; {} when it carries none."""
     import json
 
     from safetensors import safe_open
@@ -254,13 +256,10 @@ def _saved_scale(path: str) -> float | None:
     with safe_open(path, framework="pt") as f:
         raw = (f.metadata() or {}).get("lora_adapter_metadata")
     if not raw:
-        return None
+        return {}
     meta = json.loads(raw)
     nested = next((v for v in meta.values() if isinstance(v, dict) and "r" in v), None)
-    flat = nested or {k.split(".")[-1]: v for k, v in meta.items()}
-    if not flat.get("r") or flat.get("lora_alpha") is None:
-        return None
-    return float(flat["lora_alpha"]) / float(flat["r"])
+    return nested or {k.split(".")[-1]: v for k, v in meta.items()}
 
 
 def jsonable(d: dict) -> dict:

@@ -234,6 +234,23 @@ def test_a_run_starts_from_a_saved_adapter_and_refuses_one_that_does_not_fit(tmp
         train(_smoke(tmp_path / "bad", f"control.init_from={tmp_path / 'nowhere' / 'x'}"))
 
 
+def test_the_lora_config_is_read_from_either_header_layout(tmp_path):
+    """A LoRA file's peft config, as ours writes it ({"unet": {...}}) and as diffusers' stock writer packs it
+    ({"unet.r": ..., "unet.lora_alpha": ...}); a file without one reads as {}."""
+    from safetensors.torch import save_file
+
+    from sb_finetune.control import saved_lora_config
+
+    layouts = {"ours": {"unet": {"r": 4, "lora_alpha": 8, "rank_pattern": {}}},
+               "stock": {"unet.r": 4, "unet.lora_alpha": 8, "unet.rank_pattern": {}}}
+    for name, meta in layouts.items():
+        save_file({"w": torch.zeros(1)}, tmp_path / f"{name}.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
+        config = saved_lora_config(str(tmp_path / f"{name}.safetensors"))
+        assert (config["r"], config["lora_alpha"]) == (4, 8), name
+    save_file({"w": torch.zeros(1)}, tmp_path / "bare.safetensors")
+    assert saved_lora_config(str(tmp_path / "bare.safetensors")) == {}
+
+
 def test_eval_grids_are_written_before_during_and_after(tmp_path):
     from PIL import Image
 

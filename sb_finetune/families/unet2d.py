@@ -39,16 +39,13 @@ class UNet2D(Family):
 
     def load_adapter(self, folder):
         from peft import LoraConfig
-        from safetensors import safe_open
 
-        from ..control import ADAPTER_FILE, attach_adapter, load_lora_control
+        from ..control import ADAPTER_FILE, attach_adapter, load_lora_control, saved_lora_config
 
         path = os.path.join(folder, ADAPTER_FILE)
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-        if "lora_adapter_metadata" not in header:
+        config = saved_lora_config(path)
+        if not config:
             raise ValueError(f"{path} carries no LoRA config (lora_adapter_metadata)")
-        config = json.loads(header["lora_adapter_metadata"])["unet"]
         fields = {k for k in LoraConfig.__dataclass_fields__ if k not in ("peft_type",)}
         attach_adapter(self.pipe.unet, LoraConfig(**{k: v for k, v in config.items() if k in fields}))
         load_lora_control(self.pipe.unet, folder)
