@@ -28,6 +28,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "outputs", "digits_estimators")
 DECISION = ["reward.kwargs.decision=5"]
+FROM_POOL = [f"control.init_from={os.path.join(OUT, 'decision_base_pool_hold2')}", "objective.grad_steps=4", "optim.lr=1e-3",
+             "optim.steps=120", *DECISION]  # the two-stage rows' second stage
 BASE_POOL = ["objective.estimator=base_pool", "objective.grad_steps=2", "optim.steps=1200"]  # 2,048 base paths, once
 ROWS = {
     "pathwise": ("the default", []),
@@ -59,12 +61,9 @@ ROWS = {
                                  [*BASE_POOL, "objective.pool_hold=2", *DECISION]),
     # two-stage: started from the row above's adapter (run it first), 120 steps of a reward-only gradient at lr 1e-3
     "decision_pool_then_policy_gradient": ("decision, policy gradient from the base pool's adapter (hold 2), 120 steps",
-                                           ["objective.estimator=policy_gradient", "objective.grad_steps=4", "optim.lr=1e-3",
-                                            "optim.steps=120", f"control.init_from={os.path.join(OUT, 'decision_base_pool_hold2')}",
-                                            *DECISION]),
+                                           ["objective.estimator=policy_gradient", *FROM_POOL]),
     "decision_pool_then_weighted": ("decision, weighted from the base pool's adapter (hold 2), 120 steps",
-                                    ["objective.estimator=weighted", "objective.grad_steps=4", "optim.lr=1e-3", "optim.steps=120",
-                                     f"control.init_from={os.path.join(OUT, 'decision_base_pool_hold2')}", *DECISION]),
+                                    ["objective.estimator=weighted", *FROM_POOL]),
 }
 
 
