@@ -1,0 +1,178 @@
+"""Benchmark (issue 13): is the gap the control's form? A control that is not a LoRA of the base, on the digits default's
+problem (target 0, alpha 1, 20 DDPM steps), measured as `digits_diagnosis.py` measures its rows (`gap 777`): 512 paths
+of seed 777 against an optimum estimated from those and as many base paths (`evaluation.mixture_optimum`).
+
+    python benchmarks/digits_control_probes.py potential --steps 720    # ~18 minutes on 2 CPU cores (360: ~9)
+
+The control is the gradient of a learned potential V(x, j) (a classifier-shaped CNN of 0.4 M parameters, its output
+layer zero at the start, so training starts at zero control), applied at the base's mean,
+
+    μ_k = μ_base(x_k) + σ_k² ∇V(μ_base(x_k), k + 1)           (the optimum's own form, σ_k² ∇ log h_{k+1}, to first order)
+
+and trained as the default trains its LoRA: pathwise, the window uniform in [1, 19] controlled steps, the KL before it
+logged only, batches of 32, AdamW at lr 1e-3 decayed to 0 (cosine), the gradient's norm clipped at 1. Unlike a LoRA's
+correction to ε̂, this shift is added after the scheduler's clamp of x̂0 (clip_sample). It is not a diffusers adapter:
+a probe of what the LoRA lacks, not a way to ship a result.
+
+Writes outputs/digits_control_probes/potential_steps<S>.json and prints the row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from sb_finetune.config import load_config  # noqa: E402
+from sb_finetune.data import load_pipeline  # noqa: E402
+from sb_finetune.evaluation import Paths, distance, mixture_optimum  # noqa: E402
+from sb_finetune.families import family_of  # noqa: E402
+from sb_finetune.rewards import load_reward  # noqa: E402
+from sb_finetune.sde import step_kl, transition_mean  # noqa: E402
+
+OUT = os.path.join(ROOT, "outputs", "digits_control_probes")
+ALPHA, TARGET, BATCH, SAMPLES = 1.0, 0, 32, 512
+
+
+class Potential(nn.Module):
+    """V(x, j): a scalar of the state x_j (j the index on the chain), the shape of a small classifier."""
+
+    def __init__(self, steps: int, c: int = 64):
+        super().__init__()
+        self.e1, self.e2 = nn.Embedding(steps + 1, c), nn.Embedding(steps + 1, 2 * c)
+        self.c1, self.c2 = nn.Conv2d(1, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.c3 = nn.Conv2d(c, 2 * c, 3, padding=1, stride=2)
+        self.c4, self.c5 = nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.Conv2d(2 * c, 2 * c, 3, padding=1, stride=2)
+        self.head = nn.Linear(2 * c * 16, 1)
+
+    def forward(self, x: torch.Tensor, j: int | torch.Tensor) -> torch.Tensor:
+        idx = j if torch.is_tensor(j) else torch.full((x.shape[0],), j, device=x.device)
+        h = F.silu(self.c1(x) + self.e1(idx)[:, :, None, None])
+        h = F.silu(self.c3(F.silu(self.c2(h))) + self.e2(idx)[:, :, None, None])
+        return self.head(F.silu(self.c5(F.silu(self.c4(h)))).flatten(1)).squeeze(1)
+
+
+class Problem:
+    """The digits default's base chain and reward, and a control given as a mean shift of the base's step."""
+
+    def __init__(self):
+        cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"))
+        self.fam = family_of(load_pipeline(cfg.model))
+        self.fam.module.requires_grad_(False)
+        self.schedule = self.fam.schedule(cfg.sampler.steps, cfg.sampler.eta)
+        self.n = self.schedule.num_steps
+        self.base = self.fam.denoiser(self.fam.module, self.fam.encode(None, 1))
+        self.judge = load_reward("digit", target=TARGET)
+        self.shift = None  # (k, μ_base [B, ...], σ_k, with graph) → σ_k² · direction: the control's mean shift
+
+    def reward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.judge(self.fam.decode(x), [""] * x.shape[0]).float()
+
+    def chain(self, x: torch.Tensor, g: torch.Generator, start: int | None = None, from_base: bool = False):
+        """x_N, per-step KL [B, N] (with graph from step `start` on) and log dP/dP_base [B, N] of the sampled steps
+        (of the base's, scored against the control, when `from_base`)."""
+        kls, ratios = [], []
+        for k in range(self.n):
+            z = torch.randn(x.shape, generator=g)
+            std, live = float(self.schedule.std[k]), start is not None and k >= start
+            x = x if live else x.detach()
+            with torch.set_grad_enabled(live):
+                mean_base = transition_mean(self.schedule, k, x, self.base(x, self.schedule.timesteps[k]))
+                if not bool(self.schedule.controlled[k]):
+                    kls.append(x.new_zeros(x.shape[0]))
+                    ratios.append(x.new_zeros(x.shape[0]))
+                    x = mean_base + std * z
+                    continue
+                mean = mean_base + self.shift(k, mean_base, std, live)
+                x = (mean_base if from_base else mean) + std * z
+                kl = step_kl(mean, mean_base, std)
+            kls.append(kl if live else kl.detach())
+            ratios.append((((x - mean_base) ** 2 - (x - mean) ** 2).flatten(1).sum(1) / (2 * std**2)).detach())
+        return x, torch.stack(kls, 1), torch.stack(ratios, 1)
+
+    @torch.no_grad()
+    def paths(self, seed: int, from_base: bool = False) -> Paths:
+        g, parts = torch.Generator().manual_seed(seed), []
+        for start in range(0, SAMPLES, 128):
+            x, kl, ratio = self.chain(torch.randn(min(128, SAMPLES - start), 1, 16, 16, generator=g), g, from_base=from_base)
+            images = self.fam.decode(x)
+            parts.append((images, self.judge(images, [""] * len(x)).float(), kl, ratio))
+        return Paths(*(torch.cat(v) for v in zip(*parts)))
+
+    def measure(self) -> dict:
+        """The distance to the optimum as digits_diagnosis measures it (gap_777): seed 777, base paths of the same seed."""
+        paths, base = self.paths(777), self.paths(777, from_base=True)
+        best = mixture_optimum(base, paths, ALPHA)
+        gap = distance(paths, ALPHA, best)
+        with torch.no_grad():
+            hit = self.judge.logits(paths.images).argmax(1) == TARGET
+        return {"gap_777": gap["objective"], "gap_777_se": gap["objective_se"], "kl_excess_777": gap["kl"],
+                "kl": float(paths.kl.sum(1).mean()), "target_fraction": float(hit.float().mean()),
+                "optimum_777": best.numbers(), "kl_per_step": [round(float(v), 4) for v in paths.kl.mean(0)]}
+
+
+def grad_of(potential, j: int, y: torch.Tensor, graph: bool) -> torch.Tensor:
+    """∇_y V(y, j), differentiable in V's weights (and in y) when `graph`."""
+    with torch.enable_grad():
+        y = y if graph and y.requires_grad else y.detach().requires_grad_(True)
+        g, = torch.autograd.grad(potential(y, j).sum(), y, create_graph=graph)
+    return g
+
+
+def potential_probe(steps: int, lr: float) -> dict:
+    torch.manual_seed(0)
+    p = Problem()
+    v = Potential(p.n)
+    nn.init.zeros_(v.head.weight)
+    nn.init.zeros_(v.head.bias)
+    p.shift = lambda k, mean_base, std, live: std**2 * grad_of(v, k + 1, mean_base, live)
+    opt = torch.optim.AdamW(v.parameters(), lr=lr, weight_decay=0.0)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    controlled = [k for k in range(p.n) if bool(p.schedule.controlled[k])]
+    g, t0 = torch.Generator().manual_seed(0), time.time()
+    for i in range(steps):
+        start = controlled[-int(torch.randint(1, len(controlled) + 1, (1,), generator=g))]
+        x, kl, _ = p.chain(torch.randn(BATCH, 1, 16, 16, generator=g), g, start=start)
+        r = p.reward(x)
+        loss = ALPHA * kl[:, start:].sum(1).mean() - r.mean()
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(v.parameters(), 1.0)
+        opt.step()
+        decay.step()
+        if i % 20 == 0:
+            print(f"step {i}: KL {float(kl.detach().sum(1).mean()):.2f} reward {float(r.detach().mean()):.3f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    return {"probe": "potential", "steps": steps, "lr": lr, "parameters": sum(w.numel() for w in v.parameters()),
+            "train_seconds": time.time() - t0, **p.measure()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("probe", choices=["potential"])
+    parser.add_argument("--steps", type=int, default=720, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW's rate, decayed to 0")
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)
+    row = potential_probe(args.steps, args.lr)
+    name = f"potential_steps{args.steps}"
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, f"{name}.json"), "w") as f:
+        json.dump(row, f, indent=1)
+    print(f"{name}: gap (seed 777) {row['gap_777']:.2f} ± {row['gap_777_se']:.2f}, KL excess {row['kl_excess_777']:.2f}, "
+          f"target fraction {row['target_fraction']:.3f}, KL {row['kl']:.2f}; per-step KL "
+          + " ".join(f"{v:.2f}" for v in row["kl_per_step"]))
+
+
+if __name__ == "__main__":
+    main()
