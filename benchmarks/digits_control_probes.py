@@ -3,6 +3,7 @@ problem (target 0, alpha 1, 20 DDPM steps), measured as `digits_diagnosis.py` me
 of seed 777 against an optimum estimated from those and as many base paths (`evaluation.mixture_optimum`).
 
     python benchmarks/digits_control_probes.py potential --steps 720    # ~18 minutes on 2 CPU cores (360: ~9)
+    python benchmarks/digits_control_probes.py field --steps 360        # the same network, not a gradient (~6)
 
 The control is the gradient of a learned potential V(x, j) (a classifier-shaped CNN of 0.4 M parameters, its output
 layer zero at the start, so training starts at zero control), applied at the base's mean,
@@ -14,7 +15,10 @@ logged only, batches of 32, AdamW at lr 1e-3 decayed to 0 (cosine), the gradient
 correction to ε̂, this shift is added after the scheduler's clamp of x̂0 (clip_sample). It is not a diffusers adapter:
 a probe of what the LoRA lacks, not a way to ship a result.
 
-Writes outputs/digits_control_probes/potential_steps<S>.json and prints the row.
+field: the same network with an image-shaped output layer (zero at the start), μ_k = μ_base + σ_k² F(μ_base, k + 1):
+the classifier's shape, after the clamp, without the gradient field.
+
+Writes outputs/digits_control_probes/<probe>_steps<S>.json and prints the row.
 """
 
 from __future__ import annotations
@@ -47,19 +51,20 @@ ALPHA, TARGET, BATCH, SAMPLES = 1.0, 0, 32, 512
 class Potential(nn.Module):
     """V(x, j): a scalar of the state x_j (j the index on the chain), the shape of a small classifier."""
 
-    def __init__(self, steps: int, c: int = 64):
+    def __init__(self, steps: int, c: int = 64, out: int = 1):
         super().__init__()
         self.e1, self.e2 = nn.Embedding(steps + 1, c), nn.Embedding(steps + 1, 2 * c)
         self.c1, self.c2 = nn.Conv2d(1, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
         self.c3 = nn.Conv2d(c, 2 * c, 3, padding=1, stride=2)
         self.c4, self.c5 = nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.Conv2d(2 * c, 2 * c, 3, padding=1, stride=2)
-        self.head = nn.Linear(2 * c * 16, 1)
+        self.head = nn.Linear(2 * c * 16, out)
 
     def forward(self, x: torch.Tensor, j: int | torch.Tensor) -> torch.Tensor:
         idx = j if torch.is_tensor(j) else torch.full((x.shape[0],), j, device=x.device)
         h = F.silu(self.c1(x) + self.e1(idx)[:, :, None, None])
         h = F.silu(self.c3(F.silu(self.c2(h))) + self.e2(idx)[:, :, None, None])
-        return self.head(F.silu(self.c5(F.silu(self.c4(h)))).flatten(1)).squeeze(1)
+        out = self.head(F.silu(self.c5(F.silu(self.c4(h)))).flatten(1))
+        return out.squeeze(1) if out.shape[1] == 1 else out.view(x.shape)
 
 
 class Problem:
@@ -129,13 +134,16 @@ def grad_of(potential, j: int, y: torch.Tensor, graph: bool) -> torch.Tensor:
     return g
 
 
-def potential_probe(steps: int, lr: float) -> dict:
+def train_probe(probe: str, steps: int, lr: float) -> dict:
     torch.manual_seed(0)
     p = Problem()
-    v = Potential(p.n)
+    v = Potential(p.n, out=1 if probe == "potential" else 16 * 16)
     nn.init.zeros_(v.head.weight)
     nn.init.zeros_(v.head.bias)
-    p.shift = lambda k, mean_base, std, live: std**2 * grad_of(v, k + 1, mean_base, live)
+    if probe == "potential":  # σ² ∇V: a gradient field
+        p.shift = lambda k, mean_base, std, live: std**2 * grad_of(v, k + 1, mean_base, live)
+    else:  # σ² F: the same network read out as a field of the image's shape, not a gradient
+        p.shift = lambda k, mean_base, std, live: std**2 * v(mean_base, k + 1)
     opt = torch.optim.AdamW(v.parameters(), lr=lr, weight_decay=0.0)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     controlled = [k for k in range(p.n) if bool(p.schedule.controlled[k])]
@@ -153,19 +161,19 @@ def potential_probe(steps: int, lr: float) -> dict:
         if i % 20 == 0:
             print(f"step {i}: KL {float(kl.detach().sum(1).mean()):.2f} reward {float(r.detach().mean()):.3f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
-    return {"probe": "potential", "steps": steps, "lr": lr, "parameters": sum(w.numel() for w in v.parameters()),
+    return {"probe": probe, "steps": steps, "lr": lr, "parameters": sum(w.numel() for w in v.parameters()),
             "train_seconds": time.time() - t0, **p.measure()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["potential"])
+    parser.add_argument("probe", choices=["potential", "field"])
     parser.add_argument("--steps", type=int, default=720, help="optimizer steps")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW's rate, decayed to 0")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
-    row = potential_probe(args.steps, args.lr)
-    name = f"potential_steps{args.steps}"
+    row = train_probe(args.probe, args.steps, args.lr)
+    name = f"{args.probe}_steps{args.steps}"
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"{name}.json"), "w") as f:
         json.dump(row, f, indent=1)
