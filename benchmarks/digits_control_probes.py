@@ -49,7 +49,8 @@ ALPHA, TARGET, BATCH, SAMPLES = 1.0, 0, 32, 512
 
 
 class Potential(nn.Module):
-    """V(x, j): a scalar of the state x_j (j the index on the chain), the shape of a small classifier."""
+    """V(x, j): a scalar of the state x_j (j the index on the chain), the shape of a small classifier; with `out` =
+    the pixels, the same network read out as an image-shaped field (the `field` probe)."""
 
     def __init__(self, steps: int, c: int = 64, out: int = 1):
         super().__init__()
@@ -78,7 +79,7 @@ class Problem:
         self.n = self.schedule.num_steps
         self.base = self.fam.denoiser(self.fam.module, self.fam.encode(None, 1))
         self.judge = load_reward("digit", target=TARGET)
-        self.shift = None  # (k, μ_base [B, ...], σ_k, with graph) → σ_k² · direction: the control's mean shift
+        self.shift = None  # (k, μ_base [B, ...], σ_k, live: with graph) → the control's mean shift μ_k − μ_base
 
     def reward(self, x: torch.Tensor) -> torch.Tensor:
         return self.judge(self.fam.decode(x), [""] * x.shape[0]).float()
