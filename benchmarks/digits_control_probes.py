@@ -3,7 +3,10 @@ problem (target 0, alpha 1, 20 DDPM steps), measured as `digits_diagnosis.py` me
 of seed 777 against an optimum estimated from those and as many base paths (`evaluation.mixture_optimum`).
 
     python benchmarks/digits_control_probes.py potential --steps 720    # ~18 minutes on 2 CPU cores (360: ~9)
+    python benchmarks/digits_control_probes.py potential_masked --steps 360   # the same, only where ε̂ reaches (~9)
     python benchmarks/digits_control_probes.py field --steps 360        # the same network, not a gradient (~6)
+    python benchmarks/digits_control_probes.py guided --steps 180       # reward guidance plus a potential (~5)
+    python benchmarks/digits_control_probes.py distil --source potential_steps360 --rounds 48 --lr 3e-3   # (~6)
 
 The control is the gradient of a learned potential V(x, j) (a classifier-shaped CNN of 0.4 M parameters, its output
 layer zero at the start, so training starts at zero control), applied at the base's mean,
@@ -15,15 +18,28 @@ logged only, batches of 32, AdamW at lr 1e-3 decayed to 0 (cosine), the gradient
 correction to ε̂, this shift is added after the scheduler's clamp of x̂0 (clip_sample). It is not a diffusers adapter:
 a probe of what the LoRA lacks, not a way to ship a result.
 
+potential_masked: the same shift, zero on the pixels where the base's x̂0_k is clamped (|x̂0| ≥ 1). There the step's
+mean does not depend on ε̂, so no correction of ε̂ (no LoRA) can move them: the potential held to what a LoRA reaches.
+
 field: the same network with an image-shaped output layer (zero at the start), μ_k = μ_base + σ_k² F(μ_base, k + 1):
 the classifier's shape, after the clamp, without the gradient field.
 
-Writes outputs/digits_control_probes/<probe>_steps<S>.json and prints the row.
+guidance: σ_k² a_k ∇R(x̂0_k), the reward's gradient at the base's clamped x̂0_k at a learned scale a_k per step (zero
+at the start, lr 3e-2); guided: that plus the potential's σ_k² ∇V.
+
+distil: a LoRA of the base (the default's rank 8 on its modules; `--full`: rank 64 on every conv and linear layer)
+regressed on a trained probe's control (saved as outputs/digits_control_probes/<probe>_steps<S>.safetensors) along
+the probe's own paths: ||μ_θ(x_k) − μ_probe(x_k)||² / (2σ_k²) at states of one random controlled step, summed over
+the steps the path KL the LoRA loses to the probe, logged each round. Then the LoRA is measured as the probes are.
+`source_kl_where_clamped`: the probe's KL a path on the pixels the clamp holds, which no LoRA can reach.
+
+Writes outputs/digits_control_probes/<row>.json and prints the row.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,7 +58,7 @@ from sb_finetune.data import load_pipeline  # noqa: E402
 from sb_finetune.evaluation import Paths, distance, mixture_optimum  # noqa: E402
 from sb_finetune.families import family_of  # noqa: E402
 from sb_finetune.rewards import load_reward  # noqa: E402
-from sb_finetune.sde import step_kl, transition_mean  # noqa: E402
+from sb_finetune.sde import step_kl, transition_mean, vp_split  # noqa: E402
 
 OUT = os.path.join(ROOT, "outputs", "digits_control_probes")
 ALPHA, TARGET, BATCH, SAMPLES = 1.0, 0, 32, 512
@@ -71,11 +87,13 @@ class Potential(nn.Module):
 class Problem:
     """The digits default's base chain and reward, and a control given as a mean shift of the base's step."""
 
-    def __init__(self):
+    def __init__(self, clamp: bool = True):
         cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"))
         self.fam = family_of(load_pipeline(cfg.model))
         self.fam.module.requires_grad_(False)
         self.schedule = self.fam.schedule(cfg.sampler.steps, cfg.sampler.eta)
+        if not clamp:  # both processes without the scheduler's clamp of x̂0: another base, with an optimum of its own
+            self.schedule = dataclasses.replace(self.schedule, clip_sample=None)
         self.n = self.schedule.num_steps
         self.base = self.fam.denoiser(self.fam.module, self.fam.encode(None, 1))
         self.judge = load_reward("digit", target=TARGET)
@@ -93,7 +111,12 @@ class Problem:
             std, live = float(self.schedule.std[k]), start is not None and k >= start
             x = x if live else x.detach()
             with torch.set_grad_enabled(live):
-                mean_base = transition_mean(self.schedule, k, x, self.base(x, self.schedule.timesteps[k]))
+                self.xk = x  # the state the step starts from (the distilled LoRA's input)
+                pred = self.base(x, self.schedule.timesteps[k])
+                mean_base = transition_mean(self.schedule, k, x, pred)
+                x0, _ = vp_split(x, pred, float(self.schedule.alpha_bar[k]), self.schedule.prediction_type)
+                self.x0 = x0.clamp(-1, 1)  # the base's x̂0_k after the scheduler's clamp (the guidance probes' input)
+                self.free = (x0.abs() < 1).float()  # pixels the clamp leaves free: the only ones an ε̂ correction moves
                 if not bool(self.schedule.controlled[k]):
                     kls.append(x.new_zeros(x.shape[0]))
                     ratios.append(x.new_zeros(x.shape[0]))
@@ -135,17 +158,36 @@ def grad_of(potential, j: int, y: torch.Tensor, graph: bool) -> torch.Tensor:
     return g
 
 
-def train_probe(probe: str, steps: int, lr: float) -> dict:
+def reward_grad(p: Problem, x0: torch.Tensor, graph: bool) -> torch.Tensor:
+    """∇R at the base's x̂0_k, differentiable in x̂0 (so in the path) when `graph`."""
+    with torch.enable_grad():
+        x0 = x0 if graph and x0.requires_grad else x0.detach().requires_grad_(True)
+        g, = torch.autograd.grad(p.reward(x0).sum(), x0, create_graph=graph)
+    return g
+
+
+def train_probe(probe: str, steps: int, lr: float, clamp: bool = True) -> dict:
     torch.manual_seed(0)
-    p = Problem()
-    v = Potential(p.n, out=1 if probe == "potential" else 16 * 16)
+    p = Problem(clamp)
+    v = Potential(p.n, out=16 * 16 if probe == "field" else 1)
     nn.init.zeros_(v.head.weight)
     nn.init.zeros_(v.head.bias)
+    a = nn.Parameter(torch.zeros(p.n))  # the guidance's per-step scale (guidance probes)
     if probe == "potential":  # σ² ∇V: a gradient field
         p.shift = lambda k, mean_base, std, live: std**2 * grad_of(v, k + 1, mean_base, live)
-    else:  # σ² F: the same network read out as a field of the image's shape, not a gradient
+    elif probe == "potential_masked":  # the same, zero on the pixels the clamp holds: what an ε̂ correction can reach
+        p.shift = lambda k, mean_base, std, live: std**2 * grad_of(v, k + 1, mean_base, live) * p.free
+    elif probe == "field":  # σ² F: the same network read out as a field of the image's shape, not a gradient
         p.shift = lambda k, mean_base, std, live: std**2 * v(mean_base, k + 1)
-    opt = torch.optim.AdamW(v.parameters(), lr=lr, weight_decay=0.0)
+    elif probe == "guidance":  # σ² a_k ∇R(x̂0_k): reward guidance at a learned scale per step
+        p.shift = lambda k, mean_base, std, live: std**2 * a[k] * reward_grad(p, p.x0, live)
+    else:  # guided: the same plus a learned potential's gradient
+        p.shift = lambda k, mean_base, std, live: std**2 * (a[k] * reward_grad(p, p.x0, live)
+                                                            + grad_of(v, k + 1, mean_base, live))
+    groups = [{"params": list(v.parameters()), "lr": lr}] if probe != "guidance" else []
+    if probe in ("guidance", "guided"):
+        groups.append({"params": [a], "lr": 3e-2})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     controlled = [k for k in range(p.n) if bool(p.schedule.controlled[k])]
     g, t0 = torch.Generator().manual_seed(0), time.time()
@@ -156,25 +198,123 @@ def train_probe(probe: str, steps: int, lr: float) -> dict:
         loss = ALPHA * kl[:, start:].sum(1).mean() - r.mean()
         opt.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(v.parameters(), 1.0)
+        nn.utils.clip_grad_norm_([w for group in groups for w in group["params"]], 1.0)
         opt.step()
         decay.step()
         if i % 20 == 0:
             print(f"step {i}: KL {float(kl.detach().sum(1).mean()):.2f} reward {float(r.detach().mean()):.3f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
-    return {"probe": probe, "steps": steps, "lr": lr, "parameters": sum(w.numel() for w in v.parameters()),
+                  f"({time.time() - t0:.0f} s) a {[round(float(w), 2) for w in a.detach()]}", flush=True)
+    from safetensors.torch import save_file
+
+    os.makedirs(OUT, exist_ok=True)  # the trained control, for `distil`
+    save_file({**{f"v.{k}": w.detach().contiguous() for k, w in v.state_dict().items()}, "a": a.detach().clone()},
+              os.path.join(OUT, f"{probe}_steps{steps}{'' if clamp else '_noclamp'}.safetensors"))
+    return {"probe": probe, "steps": steps, "lr": lr, "clamp": clamp, "parameters": sum(w.numel() for g in groups for w in g["params"]),
+            "guidance_scale": [round(float(w), 4) for w in a],
             "train_seconds": time.time() - t0, **p.measure()}
+
+
+ALL_MODULES = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0", "conv", "conv_in",
+               "conv_out", "linear_1", "linear_2"]  # digits_diagnosis.py's rank64_all: full rank for this UNet
+
+
+def distil(source: str, rounds: int, updates: int, lr: float, full: bool = False) -> dict:
+    """Regress a LoRA of the base (the default's: rank 8 on the default's modules) on a trained probe's control, along
+    the probe's own paths: at a controlled step k, ||μ_θ(x_k) − μ_probe(x_k)||² / (2σ_k²) is KL(probe's step ‖ the
+    LoRA's), so the loss summed over the steps is the path KL the LoRA loses to the probe. `rounds` batches of 128
+    fresh paths, `updates` regression steps of 64 states of one random step on each. `full`: rank 64 on every conv and
+    linear layer instead (the capacity's upper bound)."""
+    from safetensors.torch import load_file
+
+    from sb_finetune.control import add_lora_control, base_denoiser
+
+    torch.manual_seed(0)
+    p = Problem()
+    probe = source.split("_steps")[0]
+    if probe not in ("potential", "field", "guidance", "guided"):
+        raise ValueError(f"distil: no probe {probe!r} to regress on")
+    v = Potential(p.n, out=16 * 16 if probe == "field" else 1)
+    state = load_file(os.path.join(OUT, f"{source}.safetensors"))
+    v.load_state_dict({k[2:]: w for k, w in state.items() if k.startswith("v.")})
+    v.requires_grad_(False)
+    a = state["a"]
+    cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"))
+    params = add_lora_control(p.fam.module, 64 if full else cfg.control.rank, cfg.control.lora_alpha,
+                              ALL_MODULES if full else cfg.control.target_modules, cfg.control.init)
+    policy = p.fam.denoiser(p.fam.module, p.fam.encode(None, 1))
+    p.base = base_denoiser(policy, p.fam.module)
+
+    def probe_shift(k, mean_base, std, live):
+        if probe == "potential":
+            return std**2 * grad_of(v, k + 1, mean_base, False)
+        if probe == "field":
+            return std**2 * v(mean_base, k + 1)
+        shift = a[k] * reward_grad(p, p.x0, False)
+        return std**2 * (shift + grad_of(v, k + 1, mean_base, False) if probe == "guided" else shift)
+
+    held = torch.zeros(())  # the probe's KL on pixels the clamp holds (no LoRA can move them), summed over paths
+
+    def record(k, mean_base, std, live):  # the probe's step, its state and target mean kept
+        nonlocal held
+        shift = probe_shift(k, mean_base, std, live)
+        held = held + ((shift**2) * (1 - p.free)).sum() / (2 * std**2)
+        states[k].append(p.xk.detach())
+        targets[k].append((mean_base + shift).detach())
+        return shift
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = rounds * updates
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
+    controlled = [k for k in range(p.n) if bool(p.schedule.controlled[k])]
+    g, t0, log = torch.Generator().manual_seed(1), time.time(), []
+    losses = torch.zeros(p.n)  # each step's regression loss, a running mean over the updates that drew it
+    for r in range(rounds):
+        states, targets = {k: [] for k in controlled}, {k: [] for k in controlled}
+        p.shift = record
+        with torch.no_grad():
+            p.chain(torch.randn(128, 1, 16, 16, generator=g), g)
+        for u in range(updates):
+            k = controlled[int(torch.randint(len(controlled), (1,), generator=g))]
+            rows = torch.randint(128, (64,), generator=g)
+            x, target = states[k][0][rows], targets[k][0][rows]
+            mean = transition_mean(p.schedule, k, x, policy(x, p.schedule.timesteps[k]))
+            loss = ((mean - target) ** 2).flatten(1).sum(1).mean() / (2 * float(p.schedule.std[k]) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            decay.step()
+            value = float(loss.detach())
+            losses[k] = 0.9 * losses[k] + 0.1 * value if losses[k] else value
+        log.append(float(losses.sum()))
+        print(f"round {r}: distillation KL (steps summed, running) {log[-1]:.3f} ({time.time() - t0:.0f} s)", flush=True)
+
+    def lora_shift(k, mean_base, std, live):
+        return transition_mean(p.schedule, k, p.xk, policy(p.xk, p.schedule.timesteps[k])) - mean_base
+
+    p.shift = lora_shift
+    return {"probe": f"distil_{source}", "full_rank": full, "rounds": rounds, "updates": updates, "lr": lr,
+            "distil_kl": log, "source_kl_where_clamped": float(held) / (128 * rounds), "train_seconds": time.time() - t0, **p.measure()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["potential", "field"])
+    parser.add_argument("probe", choices=["potential", "potential_masked", "field", "guidance", "guided", "distil"])
+    parser.add_argument("--source", default="potential_steps360", help="distil: the trained probe to regress on")
+    parser.add_argument("--rounds", type=int, default=16, help="distil: batches of 128 paths of the probe")
+    parser.add_argument("--updates", type=int, default=25, help="distil: regression steps on each batch")
+    parser.add_argument("--no-clamp", action="store_true", help="both processes without the scheduler's clamp of x̂0")
+    parser.add_argument("--full", action="store_true", help="distil: rank 64 on every conv and linear layer")
     parser.add_argument("--steps", type=int, default=720, help="optimizer steps")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW's rate, decayed to 0")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
-    row = train_probe(args.probe, args.steps, args.lr)
-    name = f"{args.probe}_steps{args.steps}"
+    if args.probe == "distil":
+        row = distil(args.source, args.rounds, args.updates, args.lr, args.full)
+        name = f"distil_{args.source}_r{args.rounds}x{args.updates}" + ("_full" if args.full else "")
+    else:
+        row = train_probe(args.probe, args.steps, args.lr, not args.no_clamp)
+        name = f"{args.probe}_steps{args.steps}" + ("_noclamp" if args.no_clamp else "")
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"{name}.json"), "w") as f:
         json.dump(row, f, indent=1)
