@@ -231,8 +231,9 @@ def distil(source: str, rounds: int, updates: int, lr: float, full: bool = False
     torch.manual_seed(0)
     p = Problem()
     probe = source.split("_steps")[0]
-    if probe not in ("potential", "field", "guidance", "guided"):
-        raise ValueError(f"distil: no probe {probe!r} to regress on")
+    if probe not in ("potential", "field", "guidance", "guided") or source.endswith("_noclamp"):
+        raise ValueError(f"distil: no probe {source!r} to regress on (one trained on the clamped chain: "
+                         "potential, field, guidance or guided)")
     v = Potential(p.n, out=16 * 16 if probe == "field" else 1)
     state = load_file(os.path.join(OUT, f"{source}.safetensors"))
     v.load_state_dict({k[2:]: w for k, w in state.items() if k.startswith("v.")})
