@@ -150,20 +150,42 @@ class Problem:
                 "optimum_777": best.numbers(), "kl_per_step": [round(float(v), 4) for v in paths.kl.mean(0)]}
 
 
-def grad_of(potential, j: int, y: torch.Tensor, graph: bool) -> torch.Tensor:
-    """∇_y V(y, j), differentiable in V's weights (and in y) when `graph`."""
+def input_grad(f, y: torch.Tensor, graph: bool) -> torch.Tensor:
+    """∇_y Σ f(y), differentiable in f's weights (and in y) when `graph`."""
     with torch.enable_grad():
         y = y if graph and y.requires_grad else y.detach().requires_grad_(True)
-        g, = torch.autograd.grad(potential(y, j).sum(), y, create_graph=graph)
+        g, = torch.autograd.grad(f(y).sum(), y, create_graph=graph)
     return g
+
+
+def grad_of(potential, j: int, y: torch.Tensor, graph: bool) -> torch.Tensor:
+    """∇_y V(y, j)."""
+    return input_grad(lambda z: potential(z, j), y, graph)
 
 
 def reward_grad(p: Problem, x0: torch.Tensor, graph: bool) -> torch.Tensor:
-    """∇R at the base's x̂0_k, differentiable in x̂0 (so in the path) when `graph`."""
-    with torch.enable_grad():
-        x0 = x0 if graph and x0.requires_grad else x0.detach().requires_grad_(True)
-        g, = torch.autograd.grad(p.reward(x0).sum(), x0, create_graph=graph)
-    return g
+    """∇R at the base's x̂0_k (differentiable in the path when `graph`)."""
+    return input_grad(p.reward, x0, graph)
+
+
+PROBES = ("potential", "potential_masked", "field", "guidance", "guided")
+
+
+def probe_shift(probe: str, p: Problem, v: nn.Module, a: torch.Tensor):
+    """The probe's control as a mean shift (k, μ_base, σ_k, live) → μ_k − μ_base (see the module's docstring)."""
+    def shift(k, mean_base, std, live):
+        if probe == "field":  # σ² F: the same network read out as a field of the image's shape, not a gradient
+            return std**2 * v(mean_base, k + 1)
+        out = 0
+        if probe in ("guidance", "guided"):  # σ² a_k ∇R(x̂0_k): reward guidance at a learned scale per step
+            out = a[k] * reward_grad(p, p.x0, live)
+        if probe != "guidance":  # σ² ∇V: a gradient field
+            out = out + grad_of(v, k + 1, mean_base, live)
+        if probe == "potential_masked":  # zero on the pixels the clamp holds: what an ε̂ correction can reach
+            out = out * p.free
+        return std**2 * out
+
+    return shift
 
 
 def train_probe(probe: str, steps: int, lr: float, clamp: bool = True) -> dict:
@@ -173,17 +195,7 @@ def train_probe(probe: str, steps: int, lr: float, clamp: bool = True) -> dict:
     nn.init.zeros_(v.head.weight)
     nn.init.zeros_(v.head.bias)
     a = nn.Parameter(torch.zeros(p.n))  # the guidance's per-step scale (guidance probes)
-    if probe == "potential":  # σ² ∇V: a gradient field
-        p.shift = lambda k, mean_base, std, live: std**2 * grad_of(v, k + 1, mean_base, live)
-    elif probe == "potential_masked":  # the same, zero on the pixels the clamp holds: what an ε̂ correction can reach
-        p.shift = lambda k, mean_base, std, live: std**2 * grad_of(v, k + 1, mean_base, live) * p.free
-    elif probe == "field":  # σ² F: the same network read out as a field of the image's shape, not a gradient
-        p.shift = lambda k, mean_base, std, live: std**2 * v(mean_base, k + 1)
-    elif probe == "guidance":  # σ² a_k ∇R(x̂0_k): reward guidance at a learned scale per step
-        p.shift = lambda k, mean_base, std, live: std**2 * a[k] * reward_grad(p, p.x0, live)
-    else:  # guided: the same plus a learned potential's gradient
-        p.shift = lambda k, mean_base, std, live: std**2 * (a[k] * reward_grad(p, p.x0, live)
-                                                            + grad_of(v, k + 1, mean_base, live))
+    p.shift = probe_shift(probe, p, v, a)
     groups = [{"params": list(v.parameters()), "lr": lr}] if probe != "guidance" else []
     if probe in ("guidance", "guided"):
         groups.append({"params": [a], "lr": 3e-2})
@@ -214,10 +226,6 @@ def train_probe(probe: str, steps: int, lr: float, clamp: bool = True) -> dict:
             "train_seconds": time.time() - t0, **p.measure()}
 
 
-ALL_MODULES = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0", "conv", "conv_in",
-               "conv_out", "linear_1", "linear_2"]  # digits_diagnosis.py's rank64_all: full rank for this UNet
-
-
 def distil(source: str, rounds: int, updates: int, lr: float, full: bool = False) -> dict:
     """Regress a LoRA of the base (the default's: rank 8 on the default's modules) on a trained probe's control, along
     the probe's own paths: at a controlled step k, ||μ_θ(x_k) − μ_probe(x_k)||² / (2σ_k²) is KL(probe's step ‖ the
@@ -226,14 +234,15 @@ def distil(source: str, rounds: int, updates: int, lr: float, full: bool = False
     linear layer instead (the capacity's upper bound)."""
     from safetensors.torch import load_file
 
+    from digits_diagnosis import ALL_MODULE_NAMES  # its rank64_all row's modules: full rank for this UNet
+
     from sb_finetune.control import add_lora_control, base_denoiser
 
     torch.manual_seed(0)
     p = Problem()
     probe = source.split("_steps")[0]
-    if probe not in ("potential", "field", "guidance", "guided") or source.endswith("_noclamp"):
-        raise ValueError(f"distil: no probe {source!r} to regress on (one trained on the clamped chain: "
-                         "potential, field, guidance or guided)")
+    if probe not in PROBES or source.endswith("_noclamp"):
+        raise ValueError(f"distil: no probe {source!r} to regress on (one trained on the clamped chain: {PROBES})")
     v = Potential(p.n, out=16 * 16 if probe == "field" else 1)
     state = load_file(os.path.join(OUT, f"{source}.safetensors"))
     v.load_state_dict({k[2:]: w for k, w in state.items() if k.startswith("v.")})
@@ -241,23 +250,17 @@ def distil(source: str, rounds: int, updates: int, lr: float, full: bool = False
     a = state["a"]
     cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"))
     params = add_lora_control(p.fam.module, 64 if full else cfg.control.rank, cfg.control.lora_alpha,
-                              ALL_MODULES if full else cfg.control.target_modules, cfg.control.init)
+                              ALL_MODULE_NAMES if full else cfg.control.target_modules, cfg.control.init)
     policy = p.fam.denoiser(p.fam.module, p.fam.encode(None, 1))
     p.base = base_denoiser(policy, p.fam.module)
 
-    def probe_shift(k, mean_base, std, live):
-        if probe == "potential":
-            return std**2 * grad_of(v, k + 1, mean_base, False)
-        if probe == "field":
-            return std**2 * v(mean_base, k + 1)
-        shift = a[k] * reward_grad(p, p.x0, False)
-        return std**2 * (shift + grad_of(v, k + 1, mean_base, False) if probe == "guided" else shift)
+    source_shift = probe_shift(probe, p, v, a)  # the chain runs it without a graph (live False)
 
     held = torch.zeros(())  # the probe's KL on pixels the clamp holds (no LoRA can move them), summed over paths
 
     def record(k, mean_base, std, live):  # the probe's step, its state and target mean kept
         nonlocal held
-        shift = probe_shift(k, mean_base, std, live)
+        shift = source_shift(k, mean_base, std, live)
         held = held + ((shift**2) * (1 - p.free)).sum() / (2 * std**2)
         states[k].append(p.xk.detach())
         targets[k].append((mean_base + shift).detach())
@@ -300,7 +303,7 @@ def distil(source: str, rounds: int, updates: int, lr: float, full: bool = False
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["potential", "potential_masked", "field", "guidance", "guided", "distil"])
+    parser.add_argument("probe", choices=[*PROBES, "distil"])
     parser.add_argument("--source", default="potential_steps360", help="distil: the trained probe to regress on")
     parser.add_argument("--rounds", type=int, default=16, help="distil: batches of 128 paths of the probe")
     parser.add_argument("--updates", type=int, default=25, help="distil: regression steps on each batch")

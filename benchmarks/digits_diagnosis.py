@@ -45,7 +45,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_MODULES = "control.target_modules=[conv1,conv2,conv_shortcut,time_emb_proj,to_q,to_k,to_v,to_out.0,conv,conv_in,conv_out,linear_1,linear_2]"
+ALL_MODULE_NAMES = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0", "conv",
+                    "conv_in", "conv_out", "linear_1", "linear_2"]  # every conv and linear layer of the digits UNet
+ALL_MODULES = f"control.target_modules=[{','.join(ALL_MODULE_NAMES)}]"
 BEFORE = ["optim.steps=80", "optim.lr_schedule=constant", "objective.checkpointing=false"]  # the default before the fix
 COSINE = [*BEFORE, "optim.lr_schedule=cosine"]
 ROWS = {  # every row but `before` and `default` changes one thing against `cosine`
