@@ -188,7 +188,7 @@ def probe_shift(probe: str, p: Problem, v: nn.Module, a: torch.Tensor):
     return shift
 
 
-def train_probe(probe: str, steps: int, lr: float, clamp: bool = True) -> dict:
+def train_probe(probe: str, steps: int, lr: float, name: str, clamp: bool = True) -> dict:
     torch.manual_seed(0)
     p = Problem(clamp)
     v = Potential(p.n, out=16 * 16 if probe == "field" else 1)
@@ -220,7 +220,7 @@ def train_probe(probe: str, steps: int, lr: float, clamp: bool = True) -> dict:
 
     os.makedirs(OUT, exist_ok=True)  # the trained control, for `distil`
     save_file({**{f"v.{k}": w.detach().contiguous() for k, w in v.state_dict().items()}, "a": a.detach().clone()},
-              os.path.join(OUT, f"{probe}_steps{steps}{'' if clamp else '_noclamp'}.safetensors"))
+              os.path.join(OUT, f"{name}.safetensors"))
     return {"probe": probe, "steps": steps, "lr": lr, "clamp": clamp, "parameters": sum(w.numel() for g in groups for w in g["params"]),
             "guidance_scale": [round(float(w), 4) for w in a],
             "train_seconds": time.time() - t0, **p.measure()}
@@ -262,8 +262,7 @@ def distil(source: str, rounds: int, updates: int, lr: float, full: bool = False
         nonlocal held
         shift = source_shift(k, mean_base, std, live)
         held = held + ((shift**2) * (1 - p.free)).sum() / (2 * std**2)
-        states[k].append(p.xk.detach())
-        targets[k].append((mean_base + shift).detach())
+        states[k], targets[k] = p.xk.detach(), (mean_base + shift).detach()
         return shift
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -273,14 +272,14 @@ def distil(source: str, rounds: int, updates: int, lr: float, full: bool = False
     g, t0, log = torch.Generator().manual_seed(1), time.time(), []
     losses = torch.zeros(p.n)  # each step's regression loss, a running mean over the updates that drew it
     for r in range(rounds):
-        states, targets = {k: [] for k in controlled}, {k: [] for k in controlled}
+        states, targets = {}, {}  # step k → this round's 128 states and the probe's means there
         p.shift = record
         with torch.no_grad():
             p.chain(torch.randn(128, 1, 16, 16, generator=g), g)
         for u in range(updates):
             k = controlled[int(torch.randint(len(controlled), (1,), generator=g))]
             rows = torch.randint(128, (64,), generator=g)
-            x, target = states[k][0][rows], targets[k][0][rows]
+            x, target = states[k][rows], targets[k][rows]
             mean = transition_mean(p.schedule, k, x, policy(x, p.schedule.timesteps[k]))
             loss = ((mean - target) ** 2).flatten(1).sum(1).mean() / (2 * float(p.schedule.std[k]) ** 2)
             opt.zero_grad()
@@ -317,8 +316,8 @@ def main() -> None:
         row = distil(args.source, args.rounds, args.updates, args.lr, args.full)
         name = f"distil_{args.source}_r{args.rounds}x{args.updates}" + ("_full" if args.full else "")
     else:
-        row = train_probe(args.probe, args.steps, args.lr, not args.no_clamp)
         name = f"{args.probe}_steps{args.steps}" + ("_noclamp" if args.no_clamp else "")
+        row = train_probe(args.probe, args.steps, args.lr, name, not args.no_clamp)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"{name}.json"), "w") as f:
         json.dump(row, f, indent=1)
