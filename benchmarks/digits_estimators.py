@@ -31,6 +31,7 @@ DECISION = ["reward.kwargs.decision=5"]
 FROM_POOL = [f"control.init_from={os.path.join(OUT, 'decision_base_pool_hold2')}", "objective.grad_steps=4", "optim.lr=1e-3",
              "optim.steps=120", *DECISION]  # the two-stage rows' second stage
 BASE_POOL = ["objective.estimator=base_pool", "objective.grad_steps=2", "optim.steps=1200"]  # 2,048 base paths, once
+CONTRAST = ["objective.estimator=base_pool", "objective.grad_steps=2", "optim.steps=600", "objective.pool_target=contrast"]
 ROWS = {
     "pathwise": ("the default", []),
     "adjoint": ("Adjoint Matching", ["objective.estimator=adjoint", "objective.checkpointing=false"]),
@@ -59,6 +60,10 @@ ROWS = {
                         [*BASE_POOL, "objective.pool_hold=2"]),
     "decision_base_pool_hold2": ("base pool, decision reward, the last 2 controlled steps held to the base (the default)",
                                  [*BASE_POOL, "objective.pool_hold=2", *DECISION]),
+    # the contrast (objective.pool_target=contrast): less a second control fitted to the untilted pool, 600 updates
+    "decision_base_pool_contrast": ("base pool, decision reward, the contrast target, 600 updates of 2 steps, 2 held",
+                                    [*CONTRAST, *DECISION]),
+    "base_pool_contrast": ("base pool, the contrast target, 600 updates of 2 steps, 2 held", CONTRAST),
     # two-stage: started from the row above's adapter (run it first), 120 steps of a reward-only gradient at lr 1e-3
     "decision_pool_then_policy_gradient": ("decision, policy gradient from the base pool's adapter (hold 2), 120 steps",
                                            ["objective.estimator=policy_gradient", *FROM_POOL]),
@@ -85,6 +90,8 @@ CALLS = {
     "policy_gradient": ("20 policy + 20 base without graph, 4 base without and 4 policy with graph", 0),
     "decision_weighted_k20_lr1e-3": ("20 policy + 20 base without graph, 20 policy with graph", 0),
     "base_pool": ("2 policy with graph (before the first: 20 base calls a path for the pool's 2,048, once)", 0),
+    "base_pool_contrast": ("2 policy and 2 second-control calls with graph, 2 base and 2 second-control without "
+                           "(before the first: 20 base calls a path for the pool's 2,048, once)", 0),
 }
 
 

@@ -195,7 +195,8 @@ def fit_control(
     history = []
     for _ in range(iterations):
         x0 = torch.randn(batch, dim, generator=g)
-        est = estimator(Task(policy, base, schedule, x0, reward, alpha, generator=g, shared=g, frozen=frozen))
+        est = estimator(Task(policy, base, schedule, x0, reward, alpha, generator=g, shared=g, frozen=frozen,
+                             module=control, lr=opt.param_groups[0]["lr"]))
         for _ in range(updates):
             opt.zero_grad(set_to_none=True)
             est.backward()

@@ -54,6 +54,7 @@ class ObjectiveConfig:
     clip_ratio: Optional[float] = None  # policy_gradient: PPO's ε on reused batches (optim.updates_per_batch > 1)
     pool_size: int = 2048  # base_pool: base paths each process draws once and resamples by exp(R/alpha)
     pool_hold: int = 2  # base_pool: the last n controlled steps regress on the base's own prediction (no control there)
+    pool_target: str = "forward"  # base_pool: the tilted pool's denoiser (forward) | only the tilt, less the untilted pool's (contrast)
     min_ess: float = 0.5  # weighted: tempering keeps each group's effective sample size >= min_ess · G (0 = off)
     window_min: int = 1  # gradient window K ~ uniform[window_min, window_max] controlled steps
     window_max: Optional[int] = None  # None = all steps (unbiased); window_min == window_max = fixed K
@@ -145,6 +146,7 @@ _CHOICES = {
     "objective.kl_grad": ("window", "all"),
     "objective.path_gradient": ("kl", "stl"),
     "objective.weighted_target": ("path", "forward"),
+    "objective.pool_target": ("forward", "contrast"),
     "optim.mixed_precision": ("no", "fp16", "bf16"),
     "optim.lr_schedule": ("constant", "cosine", "linear"),
     "logging.tracker": ("tensorboard", "wandb", "none"),
@@ -351,7 +353,7 @@ def _validate(cfg: Config) -> None:
     for key in ("min_ess", "weighted_target"):
         if o.estimator != "weighted" and getattr(o, key) != getattr(ObjectiveConfig(), key):
             raise ConfigError(f"config key 'objective.{key}': only for objective.estimator=weighted (got {o.estimator!r})")
-    for key in ("pool_size", "pool_hold"):
+    for key in ("pool_size", "pool_hold", "pool_target"):
         if o.estimator != "base_pool" and getattr(o, key) != getattr(ObjectiveConfig(), key):
             raise ConfigError(f"config key 'objective.{key}': only for objective.estimator=base_pool (got {o.estimator!r})")
     if o.pool_size < 1:

@@ -224,7 +224,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                           if cfg.objective.path_gradient == "stl" else None)
                 x0 = fam.start_noise(fam.latent_shape(b, *(size or ())), g, accelerator.device)
                 task = Task(policy, base, schedule, x0, lambda x: score(reward, fam.decode(x), batch_prompts),
-                            cfg.objective.alpha, g, shared, accelerator.backward, local, groups, both, frozen)
+                            cfg.objective.alpha, g, shared, accelerator.backward, local, groups, both, frozen, module,
+                            lambda m: fam.denoiser(m, cond, DTYPES[cfg.model.dtype]), lr)
                 with accelerator.autocast():
                     est = estimator(task)
                     seen = non_finite_message(est.reward, reward.name, getattr(reward, "last_error", None))

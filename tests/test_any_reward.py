@@ -207,17 +207,62 @@ def test_base_pool_holds_its_last_steps_to_the_base():
         BasePool(None, pool_size=8, hold=len(controlled))(Task(control, control.base, s, torch.randn(4, 2), reward, 1.0))
 
 
+def _pool_on_mixture(target: str, reward, scale: float, iterations: int) -> tuple[float, float, float]:
+    """base_pool (1,024 paths, 2 held) trained on the 20-step VP mixture whose base predicts `scale` × the exact ε̂:
+    (the trained control's path KL to that base, the total variation of its endpoint weights to the exact tilt's, the
+    base's)."""
+    from sb_finetune.analytic import MLPControl, fit_control
+
+    torch.manual_seed(0)
+    gmm = three_blobs()
+    s, denoiser = mixture_chain("vp", 20)
+    exact = denoiser(gmm)
+    base = (lambda x, t: scale * exact(x, t)) if scale != 1 else exact  # noqa: E731
+    control = MLPControl(base)
+    fit_control(control, s, reward, 1.0, iterations=iterations, batch=256, lr=1e-2,
+                estimator=BasePool(None, pool_size=1024, target=target))
+    start = torch.randn(4000, 2, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        out, before = rollout(control, base, s, start, window=0), rollout(base, base, s, start, window=0)
+    tilted = gmm.tilted(torch.tensor([0.5, 0.5], dtype=torch.float64), 1.0)
+    tv = lambda x: 0.5 * float((tilted.fit_stats(x)[0] - tilted.weights).abs().sum())  # noqa: E731
+    return float(out.kl.sum(1).mean()), tv(out.x), tv(before.x)
+
+
+def test_base_pool_contrast_learns_the_tilt_and_not_the_base_models_own_error():
+    """A base that is not the denoiser of its own samples (the mixture's exact ε̂ × 0.8, as a trained network is
+    not exactly): on its own pool with the tilt off (R ≡ 0) the forward target still trains a control that pays KL,
+    pulling the base toward its samples' denoiser; the contrast (`objective.pool_target=contrast`: less a second
+    control fitted to the untilted pool) stays at the base. Tilted, on the exact base, it moves the endpoint weights to
+    the tilt as far as the forward target does (0.10 against its 0.09 of the base's 0.41), at no more KL."""
+    flat = lambda x: 0 * x.detach().sum(1)  # noqa: E731
+    kl_forward = _pool_on_mixture("forward", flat, 0.8, 40)[0]  # 0.46
+    kl_contrast = _pool_on_mixture("contrast", flat, 0.8, 40)[0]  # 0.015
+    assert kl_forward > 0.2 and kl_contrast < 0.1 * kl_forward, (kl_forward, kl_contrast)
+    tilt = lambda x: x.detach() @ torch.tensor([0.5, 0.5])  # noqa: E731
+    kl_c, tv_c, tv_base = _pool_on_mixture("contrast", tilt, 1.0, 150)
+    # the forward target on this chain (the test above): total variation 0.09 of the base's 0.41, KL 0.38
+    assert tv_c <= 0.3 * tv_base and kl_c <= 0.45, (tv_c, tv_base, kl_c)
+    with pytest.raises(ValueError, match="must carry the policy's module"):
+        s, denoiser = mixture_chain("vp", 4)
+        BasePool(None, pool_size=8, hold=0, target="contrast")(Task(denoiser(three_blobs()), denoiser(three_blobs()), s,
+                                                                    torch.randn(4, 2), flat, 1.0))
+
+
 def test_base_pool_config_and_its_one_prompt():
     from sb_finetune.config import ConfigError, load_config
     from sb_finetune.trainer import train
 
     est = make_estimator(load_config(None, ["objective.estimator=base_pool", "objective.pool_size=64",
-                                            "objective.grad_steps=2", "objective.pool_hold=3"]).objective)
-    assert isinstance(est, BasePool) and (est.pool_size, est.steps, est.hold) == (64, 2, 3)
+                                            "objective.grad_steps=2", "objective.pool_hold=3",
+                                            "objective.pool_target=contrast"]).objective)
+    assert isinstance(est, BasePool) and (est.pool_size, est.steps, est.hold, est.target) == (64, 2, 3, "contrast")
     for overrides, match in ((["objective.pool_size=64"], "'objective.pool_size': only for objective.estimator=base_pool"),
                              (["objective.estimator=base_pool", "objective.pool_size=0"], "at least 1 path"),
                              (["objective.pool_hold=3"], "'objective.pool_hold': only for objective.estimator=base_pool"),
                              (["objective.estimator=base_pool", "objective.pool_hold=20"], "0 to sampler.steps - 1 = 19"),
+                             (["objective.pool_target=contrast"], "'objective.pool_target': only for objective.estimator=base_pool"),
+                             (["objective.estimator=base_pool", "objective.pool_target=tilt"], "objective.pool_target"),
                              (["objective.estimator=base_pool", "objective.window_min=3"], "only for the pathwise")):
         with pytest.raises(ConfigError, match=match):
             load_config(None, overrides)
@@ -225,30 +270,40 @@ def test_base_pool_config_and_its_one_prompt():
         train(load_config("configs/smoke.yaml", ["objective.estimator=base_pool"]))
 
 
-def test_trainer_runs_base_pool_on_a_reward_without_gradient_and_resumes_on_the_same_pool(tmp_path, capsys):
+@pytest.mark.parametrize("target", ["forward", "contrast"])
+def test_trainer_runs_base_pool_on_a_reward_without_gradient_and_resumes_on_the_same_pool(tmp_path, capsys, target):
     """A reward without a gradient (jpeg), 4 steps: the log's reward is the pool's, drawn once. Checkpoints keep each
-    process's pool, so a run stopped at step 2 and resumed neither scores new base paths nor ends anywhere but where
-    the uninterrupted run ends, bit for bit."""
+    process's pool (and the contrast's second control with its optimizer), so a run stopped at step 2 and resumed
+    neither scores new base paths nor ends anywhere but where the uninterrupted run ends, bit for bit. A checkpoint
+    resumed with the other target is refused."""
     from sb_finetune import checkpoint
     from sb_finetune.config import load_config
     from sb_finetune.trainer import train
 
     overrides = ["optim.steps=4", "objective.estimator=base_pool", "objective.pool_size=6", "objective.grad_steps=2",
                  "reward.name=jpeg_compressibility", "prompts.list=[a cat]", "logging.summary_samples=2",
-                 "logging.eval_every=0", "output.checkpoint_every=2", "optim.lr=1e-2"]
+                 "logging.eval_every=0", "output.checkpoint_every=2", "optim.lr=1e-2", f"objective.pool_target={target}"]
     out = train(load_config("configs/smoke.yaml", [*overrides, f"output.dir={tmp_path / 'straight'}"]))
     history = out["history"]
     assert len(history) == 4 and out["skipped"] == 0
     assert all(math.isfinite(h["loss"]) and 0 < h["pool_ess"] <= 1 for h in history)
     assert history[0]["reward_mean"] == history[3]["reward_mean"]  # the pool's, drawn once
     assert any(float(v.abs().max()) > 0 for k, v in out["lora"].items() if "lora.up" in k)
+    if target == "contrast":  # the second control learnt too (its last update's loss is logged)
+        assert all(math.isfinite(h["pool_mean_loss"]) for h in history[1:])
 
     stopped = tmp_path / "stopped"
     train(load_config("configs/smoke.yaml", [*overrides, "optim.steps=2", f"output.dir={stopped}"]))
     saved = stopped / "checkpoints" / "checkpoint_2"
-    pool = BasePool()
+    pool = BasePool(target=target)
     assert checkpoint.load_estimator(str(saved), 0, pool) and pool.pool[0].shape[0] == 6
     assert checkpoint.problem(str(saved), 0) is None and not checkpoint.load_estimator(str(saved), 1, BasePool())
+    other = "forward" if target == "contrast" else "contrast"
+    if other == "contrast":
+        with pytest.raises(ValueError, match="holds the pool but not the contrast's second control"):
+            checkpoint.load_estimator(str(saved), 0, BasePool(target=other))
+    else:
+        assert len(pool.saved_mean) > 0  # m_φ's tensors (and Adam's moments), put in when m_φ is made
     capsys.readouterr()
     resumed = train(load_config("configs/smoke.yaml", [*overrides, f"output.dir={stopped}"]), resume="latest")
     assert f"base_pool's state read from {saved}" in capsys.readouterr().out

@@ -51,6 +51,10 @@ class Task:
     groups: Tensor | None = None  # [B] group ids (samples of one prompt, equal-sized); None: the batch is one group
     both: PairedDenoiser | None = None  # policy and base in one model call (`control.paired_denoiser`), where made
     frozen: Denoiser | None = None  # the policy with its weights held fixed (`control.frozen_denoiser`): pathwise's stl
+    module: torch.nn.Module | None = None  # the policy's module, unwrapped: base_pool's contrast trains a copy of it
+    bind: Callable[[torch.nn.Module], Denoiser] | None = None  # a copy of `module` → its denoiser for this batch (the
+    # family's, with the batch's conditioning); None: the module is itself the denoiser
+    lr: float | None = None  # the optimizer's rate for this step (an estimator's own second model follows it)
 
     @property
     def controlled(self) -> list[int]:
@@ -161,5 +165,5 @@ def make_estimator(objective) -> Estimator:
     if objective.estimator == "base_pool":
         from .base_pool import BasePool
 
-        return BasePool(objective.grad_steps, objective.pool_size, objective.pool_hold)
+        return BasePool(objective.grad_steps, objective.pool_size, objective.pool_hold, objective.pool_target)
     raise ValueError(f"objective.estimator {objective.estimator!r}: one of {ESTIMATORS}")
