@@ -243,8 +243,8 @@ def test_base_pool_contrast_learns_the_tilt_and_not_the_base_models_own_error():
     kl_c, tv_c, tv_base = _pool_on_mixture("contrast", tilt, 1.0, 150)
     # the forward target on this chain (the test above): total variation 0.09 of the base's 0.41, KL 0.38
     assert tv_c <= 0.3 * tv_base and kl_c <= 0.45, (tv_c, tv_base, kl_c)
+    s, denoiser = mixture_chain("vp", 4)
     with pytest.raises(ValueError, match="must carry the policy's module"):
-        s, denoiser = mixture_chain("vp", 4)
         BasePool(None, pool_size=8, hold=0, target="contrast")(Task(denoiser(three_blobs()), denoiser(three_blobs()), s,
                                                                     torch.randn(4, 2), flat, 1.0))
 
@@ -274,8 +274,8 @@ def test_base_pool_config_and_its_one_prompt():
 def test_trainer_runs_base_pool_on_a_reward_without_gradient_and_resumes_on_the_same_pool(tmp_path, capsys, target):
     """A reward without a gradient (jpeg), 4 steps: the log's reward is the pool's, drawn once. Checkpoints keep each
     process's pool (and the contrast's second control with its optimizer), so a run stopped at step 2 and resumed
-    neither scores new base paths nor ends anywhere but where the uninterrupted run ends, bit for bit. A checkpoint
-    resumed with the other target is refused."""
+    neither scores new base paths nor ends anywhere but where the uninterrupted run ends, bit for bit. A checkpoint of
+    the forward target, which holds no second control, is refused by the contrast."""
     from sb_finetune import checkpoint
     from sb_finetune.config import load_config
     from sb_finetune.trainer import train
@@ -298,10 +298,9 @@ def test_trainer_runs_base_pool_on_a_reward_without_gradient_and_resumes_on_the_
     pool = BasePool(target=target)
     assert checkpoint.load_estimator(str(saved), 0, pool) and pool.pool[0].shape[0] == 6
     assert checkpoint.problem(str(saved), 0) is None and not checkpoint.load_estimator(str(saved), 1, BasePool())
-    other = "forward" if target == "contrast" else "contrast"
-    if other == "contrast":
+    if target == "forward":
         with pytest.raises(ValueError, match="holds the pool but not the contrast's second control"):
-            checkpoint.load_estimator(str(saved), 0, BasePool(target=other))
+            checkpoint.load_estimator(str(saved), 0, BasePool(target="contrast"))
     else:
         assert len(pool.saved_mean) > 0  # m_φ's tensors (and Adam's moments), put in when m_φ is made
     capsys.readouterr()
