@@ -134,8 +134,9 @@ class BasePool:
             return scale * sq.mean() / (2 * float(s.std[k]) ** 2)
 
         def noised(k: int, drawn: Tensor) -> tuple[Tensor, Tensor]:
-            eps = torch.randn(ends[drawn].shape, generator=task.generator, device=ends.device, dtype=ends.dtype)
-            return forward_noise(s, k, ends[drawn], eps)
+            x_end = ends[drawn]
+            eps = torch.randn(x_end.shape, generator=task.generator, device=ends.device, dtype=ends.dtype)
+            return forward_noise(s, k, x_end, eps)
 
         def step_loss(k: int) -> Tensor:
             x_t, target = noised(k, torch.multinomial(weights, b, replacement=True, generator=task.generator))  # from p*
