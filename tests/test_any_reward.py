@@ -510,30 +510,15 @@ def test_a_batch_reused_for_several_updates_steps_the_schedule_per_update(tmp_pa
             load_config(None, overrides)
 
 
-@pytest.fixture
-def jpeg_server():
-    from sb_finetune.rewards import load_reward
-    from sb_finetune.rewards.server import make_server
-
-    srv = make_server(load_reward("jpeg_compressibility"), "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/score"
-    srv.shutdown()
-    srv.server_close()
-
-
-@pytest.mark.parametrize("estimator", [("objective.estimator=weighted", "optim.updates_per_batch=2"),
-                                       ("objective.estimator=policy_gradient", "objective.clip_ratio=0.2",
-                                        "optim.updates_per_batch=2")], ids=["weighted", "policy_gradient"])
-def test_two_processes_train_on_a_served_jpeg_reward_to_identical_weights(jpeg_server, tmp_path, estimator):
+@pytest.mark.parametrize("estimator", ["weighted", "policy_gradient"])
+def test_two_processes_train_on_a_served_jpeg_reward_to_identical_weights(two_ranks, estimator):
     """The issue's setting: jpeg compressibility through a reward server, two real processes (gloo), each batch
-    reused for two updates: every backward of every update reaches both ranks' all-reduce, or the weights differ."""
+    reused for two updates (policy gradient: clipped at 0.2): every backward of every update reaches both ranks'
+    all-reduce, or the weights differ."""
     from safetensors.torch import load_file
-    from test_trainer import _launch_two_ranks
 
-    _launch_two_ranks(tmp_path, "optim.steps=3", "optim.lr=1e-2", "optim.batch_size=4", "optim.group_size=2",
-                      "objective.grad_steps=2", f"reward.name={jpeg_server}", *estimator)
-    r0, r1 = (load_file(tmp_path / f"rank{i}_of_2.safetensors") for i in (0, 1))
+    out = two_ranks(f"jpeg_{estimator}")
+    r0, r1 = (load_file(out / f"rank{i}_of_2.safetensors") for i in (0, 1))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     lora_b = [v for k, v in r0.items() if "lora_B" in k or "lora.up" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)

@@ -127,13 +127,11 @@ def test_two_training_steps_write_an_adapter_the_stock_pipeline_loads_and_that_c
     assert (after - before).abs().max() > 1e-4
 
 
-def test_two_processes_train_flux_to_identical_weights(tmp_path):
+def test_two_processes_train_flux_to_identical_weights(two_ranks):
     from safetensors.torch import load_file
-    from test_trainer import _launch_two_ranks
 
-    _launch_two_ranks(tmp_path, "model.pretrained=tiny:flux", "sampler.steps=4", "sampler.guidance_scale=3.5",
-                      "optim.steps=2", "optim.lr=1e-2")
-    r0, r1 = (load_file(tmp_path / f"rank{i}_of_2.safetensors") for i in (0, 1))
+    out = two_ranks("flux")  # tiny FLUX, 4 steps, guidance 3.5, 2 optimizer steps
+    r0, r1 = (load_file(out / f"rank{i}_of_2.safetensors") for i in (0, 1))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     assert any(v.abs().sum() > 0 for k, v in r0.items() if "lora.up" in k)  # moved off the zero init of B
 

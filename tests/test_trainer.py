@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -265,69 +263,43 @@ def test_eval_grids_are_written_before_during_and_after(tmp_path):
     assert (width, height) == (170 + 3 * 128 + 4 * 2, 2 * 128 + 3 * 2)  # labels; 3 seeds × 2 prompts, 32 px → 128
 
 
-def _launch_two_ranks(out_dir: Path, *overrides: str) -> None:
-    """tests/two_rank_worker.py on the smoke config as a real 2-process DDP run (gloo) through `accelerate launch`,
-    as a user starts one. On failure, shows what the workers printed (a crash dumps their Python stacks)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(ROOT / "tests" / "two_rank_worker.py"), str(ROOT / "configs" / "smoke.yaml"), str(out_dir),
-           "logging.eval_every=0", *overrides]
-    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=180)  # about 15 s when well
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-        _, stderr = proc.communicate()
-        pytest.fail(f"the two processes hung (killed after 180 s): {stderr[-1500:]}")
-    workers = stderr.split('Traceback (most recent call last):\n  File "<frozen runpy>"')[0]  # before the launcher's own
-    assert proc.returncode == 0, "\n".join(line for line in workers.splitlines() if "Warning" not in line)[-4000:]
-    assert sorted(p.name for p in out_dir.glob("rank*.json")) == ["rank0_of_2.json", "rank1_of_2.json"]  # really two
-
-
-@pytest.mark.parametrize("estimator", [("objective.kl_grad=window",), ("objective.kl_grad=all",),
-                                       ("objective.path_gradient=stl", "objective.checkpointing=true"),
-                                       ("objective.estimator=adjoint", "objective.adjoint_steps=3"),
-                                       ("objective.estimator=base_pool", "objective.pool_size=4", "objective.grad_steps=2",
-                                        "prompts.list=[a cat]", "output.checkpoint_every=4")], ids=lambda e: e[0])
-def test_two_processes_end_with_identical_trained_control(tmp_path, estimator):
+@pytest.mark.parametrize("run", ["kl_grad=window", "kl_grad=all", "stl", "adjoint", "base_pool", "base_pool_contrast"])
+def test_two_processes_end_with_identical_trained_control(two_ranks, run):
     """With kl_grad=all every step before the window has its own local backward (DDP's no_sync), reduced with the
     window's; Adjoint Matching backpropagates each regressed step on its own, all-reduced with the last; stl calls the
     policy a second time, outside DDP, with its weights held fixed (checkpointed: recomputed in the backward); base_pool
-    regresses each process's own pool (kept in the checkpoint, one file a process) at steps both draw alike. Were any
-    left out of that all-reduce, the ranks would end with different weights."""
+    regresses each process's own pool (kept in the checkpoint, one file a process) at steps both draw alike, and with
+    the contrast target each process its own second control beside it. Were any left out of that all-reduce, the ranks
+    would end with different weights."""
     from sb_finetune.pipelines import SBStableDiffusionPipeline
 
-    _launch_two_ranks(tmp_path, "optim.steps=4", "optim.lr=1e-2", *estimator)
-    if "objective.estimator=base_pool" in estimator:
-        pools = [load_file(tmp_path / "checkpoints" / "checkpoint_4" / f"estimator_state_{i}.safetensors") for i in (0, 1)]
+    out = two_ranks(run)
+    if run.startswith("base_pool"):
+        pools = [load_file(out / "checkpoints" / "checkpoint_4" / f"estimator_state_{i}.safetensors") for i in (0, 1)]
         assert all(p["pool_ends"].shape[0] == 4 for p in pools)
         assert not torch.equal(pools[0]["pool_ends"], pools[1]["pool_ends"])  # each process drew its own
-    r0, r1 = (load_file(tmp_path / f"rank{i}_of_2.safetensors") for i in (0, 1))
+        second = [{k: v for k, v in p.items() if k.startswith("pool_mean.param.")} for p in pools]
+        assert bool(second[0]) == (run == "base_pool_contrast")  # the contrast's second control, one a process,
+        assert not second[0] or any(not torch.equal(second[0][k], second[1][k]) for k in second[0])  # fitted apart
+    r0, r1 = (load_file(out / f"rank{i}_of_2.safetensors") for i in (0, 1))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     lora_b = [v for k, v in r0.items() if "lora_B" in k or "lora.up" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # moved off peft's zero init of B
-    pipe = SBStableDiffusionPipeline.from_finetuned(str(tmp_path))
-    out = pipe("a cat", num_inference_steps=4, output_type="pt", return_kl=True, generator=torch.Generator().manual_seed(0))
-    assert out.kl.sum() > 0
+    pipe = SBStableDiffusionPipeline.from_finetuned(str(out))
+    images = pipe("a cat", num_inference_steps=4, output_type="pt", return_kl=True, generator=torch.Generator().manual_seed(0))
+    assert images.kl.sum() > 0
 
 
-def test_a_nan_on_one_process_skips_the_step_on_every_process(tmp_path):
+def test_a_nan_on_one_process_skips_the_step_on_every_process(two_ranks):
     """Process 1's reward is NaN on step 1 while process 0's is finite. Skipping the backward on process 1 alone
     would leave process 0's all-reduce unpaired (a hang, or gloo aborting when it pairs with the next collective);
     every process must skip that step and end with the same, finite control."""
-    _launch_two_ranks(tmp_path, "optim.steps=3", "reward.name=nan_on_rank1_second_call")
-    counts = [json.loads((tmp_path / f"rank{i}_of_2.json").read_text()) for i in (0, 1)]
+    out = two_ranks("nan_on_rank1")
+    counts = [json.loads((out / f"rank{i}_of_2.json").read_text()) for i in (0, 1)]
     assert counts == [{"steps": 3, "skipped": 1}] * 2
-    r0, r1 = (load_file(tmp_path / f"rank{i}_of_2.safetensors") for i in (0, 1))
+    r0, r1 = (load_file(out / f"rank{i}_of_2.safetensors") for i in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) and torch.isfinite(r0[k]).all() for k in r0)
-    history = json.loads((tmp_path / "history.json").read_text())  # process 0's: finite reward, yet skipped
+    history = json.loads((out / "history.json").read_text())  # process 0's: finite reward, yet skipped
     assert [h["skipped"] for h in history] == [0, 1, 1] and math.isfinite(history[1]["reward_mean"])
 
 
