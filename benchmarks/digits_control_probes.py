@@ -7,6 +7,7 @@ of seed 777 against an optimum estimated from those and as many base paths (`eva
     python benchmarks/digits_control_probes.py field --steps 360        # the same network, not a gradient (~6)
     python benchmarks/digits_control_probes.py guided --steps 180       # reward guidance plus a potential (~5)
     python benchmarks/digits_control_probes.py distil --source potential_steps360 --rounds 48 --lr 3e-3   # (~6)
+    python benchmarks/digits_control_probes.py kernel --pool 2048 --bandwidth 4 [--decision 5]   # no training (~2)
 
 The control is the gradient of a learned potential V(x, j) (a classifier-shaped CNN of 0.4 M parameters, its output
 layer zero at the start, so training starts at zero control), applied at the base's mean,
@@ -32,6 +33,13 @@ regressed on a trained probe's control (saved as outputs/digits_control_probes/<
 the probe's own paths: ||μ_θ(x_k) − μ_probe(x_k)||² / (2σ_k²) at states of one random controlled step, summed over
 the steps the path KL the LoRA loses to the probe, logged each round. Then the LoRA is measured as the probes are.
 `source_kl_where_clamped`: the probe's KL a path on the pixels the clamp holds, which no LoRA can reach.
+
+kernel: no training. The tilt's guidance for the pool's empirical distribution instead of the base's, from `--pool`
+base samples x_i and their weights w_i = exp(R(x_i)/alpha): with π_i(y) ∝ N(y; √ᾱ x_i, b(1−ᾱ)) (ᾱ at the step's end,
+b = `--bandwidth`) and π^w_i ∝ w_i π_i, the shift at the base's mean is σ_k² √ᾱ (Σ π^w_i x_i − Σ π_i x_i)/(1−ᾱ), which
+for b = 1 is σ_k² ∇ log E_pool[w | x_{k+1} = μ_base] (Tweedie); b > 1 smooths the pool's posterior, which in 256
+pixels is far sharper than the base's, and steers b times as hard. The last `--hold` controlled steps keep the base.
+`--decision c`: the reward c · 1[argmax = 0] instead of the log-probability (both trained on and measured).
 
 Writes outputs/digits_control_probes/<row>.json and prints the row.
 """
@@ -300,9 +308,41 @@ def distil(source: str, rounds: int, updates: int, lr: float, full: bool = False
             "distil_kl": log, "source_kl_where_clamped": float(held) / (128 * rounds), "train_seconds": time.time() - t0, **p.measure()}
 
 
+def kernel(pool: int, hold: int, bandwidth: float, decision: float) -> dict:
+    """The `kernel` probe (module docstring): a control from a pool of base samples, with no training."""
+    torch.manual_seed(0)
+    p = Problem()
+    if decision:
+        p.judge = load_reward("digit", target=TARGET, decision=decision)
+    p.shift = lambda k, mean_base, std, live: torch.zeros_like(mean_base)
+    g, t0, ends = torch.Generator().manual_seed(1), time.time(), []  # seed 1: not the measure's 777
+    with torch.no_grad():
+        while sum(len(x) for x in ends) < pool:
+            ends.append(p.chain(torch.randn(256, 1, 16, 16, generator=g), g)[0])
+        x_pool = torch.cat(ends)[:pool].flatten(1)
+        log_w = torch.cat([p.reward(x.view(-1, 1, 16, 16)) for x in x_pool.split(512)]) / ALPHA
+    sq = (x_pool**2).sum(1)
+    controlled = [k for k in range(p.n) if bool(p.schedule.controlled[k])]
+    held = set(controlled[len(controlled) - hold:]) if hold else set()
+
+    def shift(k, mean_base, std, live):
+        a = float(p.schedule.alpha_bar[k + 1])
+        if k in held or a >= 1 - 1e-8:
+            return torch.zeros_like(mean_base)
+        y = mean_base.flatten(1)
+        logits = (math.sqrt(a) * y @ x_pool.T - 0.5 * a * sq) / (bandwidth * (1 - a))  # log N(y; √ᾱ x_i, b(1−ᾱ)) + c(y)
+        pulled = (torch.softmax(logits + log_w, 1) - torch.softmax(logits, 1)) @ x_pool
+        return (std**2 * math.sqrt(a) * pulled / (1 - a)).view_as(mean_base)
+
+    p.shift = shift
+    ess = float(log_w.exp().sum() ** 2 / (2 * log_w).exp().sum())
+    return {"probe": "kernel", "pool": pool, "hold": hold, "bandwidth": bandwidth, "decision": decision,
+            "pool_ess": ess, "train_seconds": time.time() - t0, **p.measure()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=[*PROBES, "distil"])
+    parser.add_argument("probe", choices=[*PROBES, "distil", "kernel"])
     parser.add_argument("--source", default="potential_steps360", help="distil: the trained probe to regress on")
     parser.add_argument("--rounds", type=int, default=16, help="distil: batches of 128 paths of the probe")
     parser.add_argument("--updates", type=int, default=25, help="distil: regression steps on each batch")
@@ -310,11 +350,18 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="distil: rank 64 on every conv and linear layer")
     parser.add_argument("--steps", type=int, default=720, help="optimizer steps")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW's rate, decayed to 0")
+    parser.add_argument("--pool", type=int, default=2048, help="kernel: base samples in the pool")
+    parser.add_argument("--hold", type=int, default=2, help="kernel: last controlled steps left to the base")
+    parser.add_argument("--bandwidth", type=float, default=4.0, help="kernel: b, the pool posterior's widening")
+    parser.add_argument("--decision", type=float, default=0.0, help="kernel: c of the decision reward (0: log-prob)")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     if args.probe == "distil":
         row = distil(args.source, args.rounds, args.updates, args.lr, args.full)
         name = f"distil_{args.source}_r{args.rounds}x{args.updates}" + ("_full" if args.full else "")
+    elif args.probe == "kernel":
+        row = kernel(args.pool, args.hold, args.bandwidth, args.decision)
+        name = f"kernel_pool{args.pool}_b{args.bandwidth:g}_hold{args.hold}" + (f"_decision{args.decision:g}" if args.decision else "")
     else:
         name = f"{args.probe}_steps{args.steps}" + ("_noclamp" if args.no_clamp else "")
         row = train_probe(args.probe, args.steps, args.lr, name, not args.no_clamp)
