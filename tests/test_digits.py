@@ -32,7 +32,8 @@ def test_shipped_ddpm_draws_every_digit():
     from sb_finetune.pipelines import SBDDPMPipeline
 
     pipe = SBDDPMPipeline.from_pretrained(BASE_DIR)
-    out = pipe(batch_size=200, num_inference_steps=20, output_type="pt", generator=torch.Generator().manual_seed(0))  # the default chain
+    out = pipe(batch_size=200, num_inference_steps=20, output_type="pt",  # the default's chain
+               generator=torch.Generator().manual_seed(0))
     reward = load_reward("digit", target=0)
     with torch.no_grad():
         probs = torch.softmax(reward.logits(out.images), dim=1)

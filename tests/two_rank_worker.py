@@ -1,6 +1,6 @@
 """Run by the tests under `accelerate launch --multi_gpu --num_processes 2`: one training run after another in the same
-two processes and process group (one launch pays the imports once), each run then dumping this rank's LoRA and counts into its folder.
-Also offers a reward that goes NaN on one rank only.
+two processes and process group (one launch pays the imports once), each run then dumping this rank's LoRA and counts
+into its folder. Also offers a reward that goes NaN on one rank only.
 
     two_rank_worker.py CONFIG RUNS_JSON      RUNS_JSON: [{"dir": ..., "overrides": [...]}, ...]
 
@@ -34,8 +34,8 @@ def _nan_on_rank1_second_call(images, prompts):
 def _run(config: str, out_dir: str, overrides: list[str]) -> None:
     _calls["n"] = 0
     result = train(load_config(config, [f"output.dir={out_dir}", *overrides]))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    name = f"{out_dir}/rank{rank}_of_{world}"
+    state = PartialState()  # the process group the trainer's Accelerator joined: 1 process if it trained alone
+    name = f"{out_dir}/rank{state.process_index}_of_{state.num_processes}"
     save_file({k: v.contiguous() for k, v in result["lora"].items()}, f"{name}.safetensors")
     with open(f"{name}.json", "w") as f:
         json.dump({"steps": result["steps"], "skipped": result["skipped"]}, f)
