@@ -64,6 +64,7 @@ sys.path.insert(0, ROOT)
 from sb_finetune.config import load_config  # noqa: E402
 from sb_finetune.data import load_pipeline  # noqa: E402
 from sb_finetune.evaluation import Paths, distance, mixture_optimum  # noqa: E402
+from sb_finetune.estimators.weighted import effective_sample_size  # noqa: E402
 from sb_finetune.families import family_of  # noqa: E402
 from sb_finetune.rewards import load_reward  # noqa: E402
 from sb_finetune.sde import step_kl, transition_mean, vp_split  # noqa: E402
@@ -335,7 +336,7 @@ def kernel(pool: int, hold: int, bandwidth: float, decision: float) -> dict:
         return (std**2 * math.sqrt(a) * pulled / (1 - a)).view_as(mean_base)
 
     p.shift = shift
-    ess = float(log_w.exp().sum() ** 2 / (2 * log_w).exp().sum())
+    ess = float(effective_sample_size(log_w))
     return {"probe": "kernel", "pool": pool, "hold": hold, "bandwidth": bandwidth, "decision": decision,
             "pool_ess": ess, "train_seconds": time.time() - t0, **p.measure()}
 
