@@ -42,18 +42,22 @@ TWO_RANK_RUNS = {
 }
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (just freed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch_two_ranks(runs: dict[Path, tuple[str, ...]]) -> None:
     """tests/two_rank_worker.py on the smoke config as a real 2-process DDP run (gloo) through `accelerate launch`, as a
     user starts one: the runs (folder → overrides) one after another in the same two processes. Fails only if the
     launch itself does (a hang, a crash); a run's own error is its folder's, for `check_two_rank_run`."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     first = next(iter(runs))
     spec = first.parent / f"{first.name}_runs.json"
     spec.write_text(json.dumps([{"dir": str(d), "overrides": ["logging.eval_every=0", *o]} for d, o in runs.items()]))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(ROOT / "tests" / "two_rank_worker.py"), str(ROOT / "configs" / "smoke.yaml"), str(spec)]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

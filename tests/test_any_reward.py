@@ -363,12 +363,9 @@ def test_reward_server_failures_give_nan_and_one_line(server):
 
     images = torch.rand(2, 3, 8, 8)
     # refused: nothing listens there (a port just freed); retried with backoff, then NaN and the line
-    import socket
+    from conftest import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dead = load_reward(f"http://127.0.0.1:{port}/score", retries=2, backoff=0.01)
+    dead = load_reward(f"http://127.0.0.1:{free_port()}/score", retries=2, backoff=0.01)
     r = dead(images, ["a", "b"])
     assert torch.isnan(r).all() and "connection refused (3 tries)" in dead.last_error
     assert non_finite_message(r, dead.name, dead.last_error) == dead.last_error

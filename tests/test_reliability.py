@@ -17,6 +17,8 @@ import torch
 from sb_finetune import checkpoint
 from sb_finetune.config import ConfigError, load_config
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--config", str(ROOT / "configs/smoke.yaml"), "logging.eval_every=0", "optim.steps=4", "optim.lr=1e-2",
        "output.checkpoint_every=1"]
@@ -164,17 +166,9 @@ def _launch(*args: str, port: int, timeout: int = 240) -> tuple[subprocess.Compl
     return proc, time.time()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_cpu_flag_with_two_processes_is_refused_with_the_command_that_works(tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts ONE process; it must not train alone in silence."""
-    proc, _ = _launch("--cpu", "--num_processes", "2", "train.py", *RUN, f"output.dir={tmp_path}", port=_free_port())
+    proc, _ = _launch("--cpu", "--num_processes", "2", "train.py", *RUN, f"output.dir={tmp_path}", port=free_port())
     assert proc.returncode != 0, proc.stderr[-2000:]  # train.py exits 2; the launcher says 1
     assert "started one process" in proc.stderr and "--multi_gpu --num_processes N" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
@@ -186,18 +180,18 @@ def test_a_dying_or_hanging_process_stops_the_other_and_both_resume(tmp_path):
     `--resume latest` with both continues from checkpoint 2 to the end."""
     two = ["--multi_gpu", "--num_processes", "2", "train.py", *RUN, f"output.dir={tmp_path}"]
     mark = tmp_path / "failed_at"
-    died, died_exit = _launch(*two, "reward.name=faults:dies", f"reward.kwargs.mark={mark}", port=_free_port())
+    died, died_exit = _launch(*two, "reward.name=faults:dies", f"reward.kwargs.mark={mark}", port=free_port())
     assert died.returncode != 0 and "Signal 9 (SIGKILL) received" in died.stderr, died.stderr[-2000:]
     died_s = died_exit - float(mark.read_text())
     hung, hung_exit = _launch(*two, "reward.name=faults:hangs", f"reward.kwargs.mark={mark}", "distributed.timeout_s=5",
-                              port=_free_port())
+                              port=free_port())
     assert hung.returncode != 0 and "another process died, hung or was stopped" in hung.stderr, hung.stderr[-3000:]
     assert "distributed.timeout_s=5 s" in hung.stderr and "--resume latest" in hung.stderr
     hung_s = hung_exit - float(mark.read_text())
     print(f"from the failure to the launcher's exit: killed rank {died_s:.1f} s, hung rank {hung_s:.1f} s (timeout 5 s)")
     assert died_s < 30 and 5 <= hung_s < 35  # bounded (torch's default wait is 30 minutes)
     assert checkpoint.complete(str(tmp_path / "checkpoints")) == ["checkpoint_1", "checkpoint_2"]
-    resumed, _ = _launch(*two, "--resume", "latest", port=_free_port())
+    resumed, _ = _launch(*two, "--resume", "latest", port=free_port())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints' / 'checkpoint_2'} at step 2" in resumed.stdout + resumed.stderr
     assert checkpoint.read_state(str(tmp_path / "checkpoints" / "checkpoint_4")) == (4, 0)
