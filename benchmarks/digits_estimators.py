@@ -3,17 +3,21 @@
     python benchmarks/digits_estimators.py                      # every row, one after another (~6–9 min each)
     python benchmarks/digits_estimators.py weighted decision_weighted
     python benchmarks/digits_estimators.py --report-only        # the table again, from the runs' summary.json
+    python benchmarks/digits_estimators.py --count pathwise adjoint   # measure the rows' calls (~2 min a row)
 
 Each row is `accelerate launch train.py` (the digits default, `configs/digits.yaml`) with the row's overrides, in a
 fresh process, into outputs/digits_estimators/<row>/. The numbers are the run's own summary.json: the gap to the
 optimum p_base · exp(R/alpha) (objective excess alpha · KL(P_θ ‖ P*) on paths, ± its standard error), the KL's
 excess, the target fraction against the optimum's, and the training wall. `decision` rows train on the classifier's
 decision, R = 5 · 1[argmax = 0] (the optimum puts 0.96 of its samples on 0): a reward no gradient method can use.
-Per step, on 32 paths of N = 20 steps: pathwise makes 20 policy + 20 base calls and backpropagates through a window
-of K ~ U[1, 20] of them, with 32 reward gradients; adjoint 20 policy + 20 base calls without graph, 19 base
-vector–Jacobian products, and 20 policy calls with graph, 32 reward gradients; weighted and policy_gradient 20 + 20
-calls without graph and K = 4 with graph (policy_gradient: + 4 base calls), and no reward gradient; base_pool
-20 base calls a path for its 2,048 paths once (1,280 calls of 32), then K = 2 policy calls with graph an update.
+
+`--count` measures what a row spends (`count_rows`: images through the denoiser forward and back, reward queries and
+reward gradients, per path and step and over the whole run) into the row's calls.json; the table shows it, or, for a
+row not measured, the calls it should make (`CALLS`). Measured per path and step (2026-12-03): pathwise 51 forward /
+20 backward on average over its window (the policy every step, the base inside the window and on 2 logged steps
+before it, checkpointing's recompute; K = 1: 25 / 2, K = 20: 77 / 38), one reward gradient; adjoint 59 / 38, one
+reward gradient; weighted 43 / 4 and policy_gradient 47 / 4 (K = 4), no reward gradient; base_pool 2–2.5 / 2 an
+update after its pool of 2,048 base paths (40,960 base calls and 2,048 reward queries, once).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +88,8 @@ def train(name: str) -> None:
 
 # model calls a training step makes on its 32 paths of N = 20 steps (20 controlled), and reward gradients per path
 CALLS = {
-    "pathwise": ("20 policy + 20 base, K ~ U[1, 20] of each pair with graph (checkpointed)", 1),
+    "pathwise": ("20 policy; the base in the window K ~ U[1, 20] and on 2 logged steps; the window with graph "
+                 "(checkpointed)", 1),
     "adjoint": ("20 policy + 20 base without graph, 19 base VJPs, 20 policy with graph", 1),
     "weighted": ("20 policy + 20 base without graph, K = 4 policy with graph", 0),
     "weighted_forward": ("20 policy + 20 base without graph, 4 base without and 4 policy with graph", 0),
@@ -102,10 +108,86 @@ def _calls(name: str) -> tuple[str, int]:
     return CALLS["pathwise"]
 
 
+def count_rows(name: str, steps: tuple[int, int] = (2, 4)) -> dict[str, float]:
+    """Measure a row's training cost: images through the denoiser (forward, and back: a parameter gradient or a
+    vector–Jacobian product) and through the reward model, counted by hooks on every module call in this process
+    over two short runs of the row (`steps` optimizer steps each, nothing else changed) whose difference cancels
+    the set-up and the before/after evaluation. A checkpointed call's recompute counts as a forward (most of one: it
+    stops once the tensors the backward needs are back), a paired call (policy and base in one batch) as its rows. Returns them per path and step, and the whole run's (its steps ×
+    batch, plus base_pool's pool: `pool_size` paths of N base calls and one reward query each, drawn once)."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from sb_finetune.config import load_config
+    from sb_finetune.digits import DigitClassifier
+    from sb_finetune.trainer import train as run
+
+    counts: dict[str, int] = {}
+
+    def add(key: str, n: int) -> None:
+        counts[key] = counts.get(key, 0) + n
+
+    def kind(module) -> str | None:
+        return "unet" if isinstance(module, UNet2DModel) else "reward" if isinstance(module, DigitClassifier) else None
+
+    def count_forward(module, args):  # a pre-hook: a checkpointed recompute stops early, before forward hooks run
+        if kind(module):
+            add(f"{kind(module)}_fwd", args[0].shape[0])
+
+    def count_backward(module, args, output):
+        out = getattr(output, "sample", output[0] if isinstance(output, tuple) else output)
+        if kind(module) and isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda grad, key=f"{kind(module)}_bwd", n=args[0].shape[0]: add(key, n))
+
+    def per_step(extra: list[str]) -> dict[str, float]:
+        totals = []
+        for s in steps:
+            counts.clear()
+            with tempfile.TemporaryDirectory() as out:
+                run(load_config(os.path.join(ROOT, "configs/digits.yaml"),
+                                [*ROWS[name][1], *extra, f"optim.steps={s}", f"output.dir={out}", "logging.eval_every=0",
+                                 "logging.summary_samples=16", *small_pool]))
+            totals.append(dict(counts))
+        return {k: (totals[1].get(k, 0) - totals[0].get(k, 0)) / ((steps[1] - steps[0]) * cfg.optim.batch_size)
+                for k in ("unet_fwd", "unet_bwd", "reward_fwd", "reward_bwd")}
+
+    cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"), ROWS[name][1])  # the row as it trains
+    o, n = cfg.objective, cfg.sampler.steps
+    small_pool = ["objective.pool_size=64"] if o.estimator == "base_pool" else []  # set-up: cancels in the difference
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(count_forward),
+               torch.nn.modules.module.register_module_forward_hook(count_backward)]
+    try:
+        if o.estimator == "pathwise" and o.window_min != min(o.window_max or n, n):
+            # a random window K ~ U[lo, hi]: a step's calls are linear in K, so measure both ends and take the mean's
+            lo, hi = o.window_min, min(o.window_max or n, n)
+            at = [per_step([f"objective.window_min={k}", f"objective.window_max={k}"]) for k in (lo, hi)]
+            cost = {k: (at[0][k] + at[1][k]) / 2 for k in at[0]}
+        else:
+            cost = per_step([])
+    finally:
+        for handle in handles:
+            handle.remove()
+    images = cfg.optim.steps * cfg.optim.batch_size
+    pool = cfg.objective.pool_size if cfg.objective.estimator == "base_pool" else 0
+    return {**cost, "run_unet": (cost["unet_fwd"] + cost["unet_bwd"]) * images + pool * n,
+            "run_reward_fwd": cost["reward_fwd"] * images + pool, "run_reward_bwd": cost["reward_bwd"] * images}
+
+
+def _cost_columns(name: str) -> str:
+    """The measured cost (calls.json, from `--count`), or what the row's calls should be where it was not measured."""
+    path = os.path.join(OUT, name, "calls.json")
+    if not os.path.isfile(path):
+        return f"{_calls(name)[0]} | — | 1 / {_calls(name)[1]} |"
+    with open(path) as f:
+        c = json.load(f)
+    return (f"{c['unet_fwd']:.1f} / {c['unet_bwd']:.1f} | {c['run_unet'] / 1e3:.0f}k | {c['reward_fwd']:.1f} / "
+            f"{c['reward_bwd']:.1f} ({c['run_reward_fwd'] / 1e3:.1f}k / {c['run_reward_bwd'] / 1e3:.1f}k) |")
+
+
 def report(names: list[str]) -> None:
     print("| row | what | gap ± se | KL − KL* | target fraction (optimum) | reward (optimum) | train s | peak RSS MB "
-          "| model calls a step | reward queries / gradients a path |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| denoiser images fwd / bwd a path-step | denoiser fwd + bwd, run | reward queries / gradients a path-step (run) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         path = os.path.join(OUT, name, "summary.json")
         if not os.path.isfile(path):
@@ -115,20 +197,28 @@ def report(names: list[str]) -> None:
         gap, opt = s["gap_after"], s["optimum"]
         print(f"| {name} | {ROWS[name][0]} | {gap['objective']:.2f} ± {gap['objective_se']:.2f} | {gap['kl']:.2f} | "
               f"{s['target_fraction_after']:.3f} ({opt['target_fraction']:.3f}) | {s['reward_mean_after']:.2f} "
-              f"({opt['reward_mean']:.2f}) | {s['seconds']:.0f} | {s.get('peak_rss_mb', 0):.0f} | {_calls(name)[0]} | "
-              f"1 / {_calls(name)[1]} |")
+              f"({opt['reward_mean']:.2f}) | {s['seconds']:.0f} | {s.get('peak_rss_mb', 0):.0f} | {_cost_columns(name)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rows", nargs="*", help=f"rows to run, of {list(ROWS)} (default: all)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--count", action="store_true", help="measure each row's calls a step (two short runs, in "
+                        "this process) into its folder's calls.json, instead of training it")
     args = parser.parse_args()
     args.rows = args.rows or list(ROWS)
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}: of {list(ROWS)}")
-    if not args.report_only:
+    if args.count:
+        for name in args.rows:
+            per = count_rows(name)
+            os.makedirs(os.path.join(OUT, name), exist_ok=True)
+            with open(os.path.join(OUT, name, "calls.json"), "w") as f:
+                json.dump(per, f, indent=1)
+            print(f"  {name}: {per}", flush=True)
+    elif not args.report_only:
         for name in args.rows:
             train(name)
     report(args.rows)
