@@ -110,50 +110,51 @@ def _calls(name: str) -> tuple[str, int]:
 
 def count_rows(name: str, steps: tuple[int, int] = (2, 4)) -> dict[str, float]:
     """Measure a row's training cost: images through the denoiser (forward, and back: a parameter gradient or a
-    vector–Jacobian product) and through the reward model, counted by hooks on every module call in this process
-    over two short runs of the row (`steps` optimizer steps each, nothing else changed) whose difference cancels
-    the set-up and the before/after evaluation. A checkpointed call's recompute counts as a forward (most of one: it
-    stops once the tensors the backward needs are back), a paired call (policy and base in one batch) as its rows. Returns them per path and step, and the whole run's (its steps ×
-    batch, plus base_pool's pool: `pool_size` paths of N base calls and one reward query each, drawn once)."""
+    vector–Jacobian product) and through the reward model, tallied in a `sb_finetune.costs.Costs` by hooks on every
+    module call in this process over two short runs of the row (`steps` optimizer steps each, nothing else changed)
+    whose difference cancels the set-up and the before/after evaluation. A checkpointed call's recompute counts as a
+    forward (most of one: it stops once the tensors the backward needs are back), a paired call (policy and base in
+    one batch) as its rows. Returns them per path and step, and the whole run's (its steps × batch, plus base_pool's
+    pool: `pool_size` paths of N base calls and one reward query each, drawn once)."""
     import torch
     from diffusers import UNet2DModel
 
     from sb_finetune.config import load_config
+    from sb_finetune.costs import Costs
     from sb_finetune.digits import DigitClassifier
     from sb_finetune.trainer import train as run
 
-    counts: dict[str, int] = {}
-
-    def add(key: str, n: int) -> None:
-        counts[key] = counts.get(key, 0) + n
+    cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"), ROWS[name][1])  # the row as it trains
+    o, n = cfg.objective, cfg.sampler.steps
+    pool = o.pool_size if o.estimator == "base_pool" else 0
+    small_pool = ["objective.pool_size=64"] if pool else []  # set-up: cancels in the difference
+    costs = Costs()
 
     def kind(module) -> str | None:
         return "unet" if isinstance(module, UNet2DModel) else "reward" if isinstance(module, DigitClassifier) else None
 
     def count_forward(module, args):  # a pre-hook: a checkpointed recompute stops early, before forward hooks run
         if kind(module):
-            add(f"{kind(module)}_fwd", args[0].shape[0])
+            costs.forward[kind(module)] = costs.forward.get(kind(module), 0) + args[0].shape[0]
 
     def count_backward(module, args, output):
         out = getattr(output, "sample", output[0] if isinstance(output, tuple) else output)
         if kind(module) and isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(lambda grad, key=f"{kind(module)}_bwd", n=args[0].shape[0]: add(key, n))
+            out.register_hook(lambda grad, key=kind(module), rows=args[0].shape[0]: costs._backward(key, rows))
 
     def per_step(extra: list[str]) -> dict[str, float]:
         totals = []
         for s in steps:
-            counts.clear()
+            costs.forward.clear()
+            costs.backward.clear()
             with tempfile.TemporaryDirectory() as out:
                 run(load_config(os.path.join(ROOT, "configs/digits.yaml"),
                                 [*ROWS[name][1], *extra, f"optim.steps={s}", f"output.dir={out}", "logging.eval_every=0",
                                  "logging.summary_samples=16", *small_pool]))
-            totals.append(dict(counts))
-        return {k: (totals[1].get(k, 0) - totals[0].get(k, 0)) / ((steps[1] - steps[0]) * cfg.optim.batch_size)
+            totals.append(costs.per((steps[1] - steps[0]) * cfg.optim.batch_size))
+        return {k: totals[1].get(k, 0.0) - totals[0].get(k, 0.0)
                 for k in ("unet_fwd", "unet_bwd", "reward_fwd", "reward_bwd")}
 
-    cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"), ROWS[name][1])  # the row as it trains
-    o, n = cfg.objective, cfg.sampler.steps
-    small_pool = ["objective.pool_size=64"] if o.estimator == "base_pool" else []  # set-up: cancels in the difference
     handles = [torch.nn.modules.module.register_module_forward_pre_hook(count_forward),
                torch.nn.modules.module.register_module_forward_hook(count_backward)]
     try:
@@ -168,7 +169,6 @@ def count_rows(name: str, steps: tuple[int, int] = (2, 4)) -> dict[str, float]:
         for handle in handles:
             handle.remove()
     images = cfg.optim.steps * cfg.optim.batch_size
-    pool = cfg.objective.pool_size if cfg.objective.estimator == "base_pool" else 0
     return {**cost, "run_unet": (cost["unet_fwd"] + cost["unet_bwd"]) * images + pool * n,
             "run_reward_fwd": cost["reward_fwd"] * images + pool, "run_reward_bwd": cost["reward_bwd"] * images}
 
