@@ -123,15 +123,30 @@ def check_call_inputs(pipe, generator, callback_tensor_inputs, unsupported: dict
         raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not among {allowed}")
 
 
+def sampler_grid(pipe, num_inference_steps: int | None, timesteps: list[int] | None, default_steps: int
+                 ) -> tuple[int, list[int] | None]:
+    """(N, timesteps) of a call: the `timesteps` given; else, when no step count is given either, the grid the loaded
+    adapter was trained on (its sb_finetune.json's `sampler.timesteps`, where it has one); else `num_inference_steps`
+    (or `default_steps`) on the scheduler's own grid."""
+    if timesteps is None and num_inference_steps is None:
+        timesteps = ((getattr(pipe, "sb_metadata", None) or {}).get("sampler") or {}).get("timesteps")
+    if timesteps is None:
+        return num_inference_steps or default_steps, None
+    timesteps = [int(t) for t in timesteps]
+    if num_inference_steps not in (None, len(timesteps)):
+        raise ValueError(f"num_inference_steps={num_inference_steps} and {len(timesteps)} timesteps: give one of them")
+    return len(timesteps), timesteps
+
+
 def sample(pipe, cond: Conditioning, shape: tuple[int, ...], *, num_inference_steps: int, eta: float,
            flow_method: str = "posterior", generator=None, latents=None, return_kl: bool = False,
            return_trajectory: bool = False, callback=None, callback_tensor_inputs=("latents",), extra_tensors=None,
-           size: tuple[int, int] | None = None) -> Rollout:
+           size: tuple[int, int] | None = None, timesteps: list[int] | None = None) -> Rollout:
     """The engine's rollout with the pipeline's model: the adapter (if any) as policy, the adapter off as base."""
     fam = pipe.sb_model
     module = fam.module
     device = module.device
-    schedule = fam.schedule(num_inference_steps, eta, flow_method, size)
+    schedule = fam.schedule(num_inference_steps, eta, flow_method, size, timesteps)
     policy = fam.denoiser(module, cond)
     if eta == 0 and return_kl:
         raise ValueError("return_kl needs eta > 0: a deterministic sampler's path KL to the base is undefined")

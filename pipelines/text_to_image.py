@@ -12,13 +12,14 @@ import torch
 from diffusers import (FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline)
 
-from .core import SBFinetunedMixin, check_call_inputs, finish, sample
+from .core import SBFinetunedMixin, check_call_inputs, finish, sample, sampler_grid
 
 
 def _text_to_image(pipe, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
                    eta, flow_method, generator, latents, output_type, return_dict, callback_on_step_end,
-                   callback_on_step_end_tensor_inputs, return_kl, return_trajectory, unsupported):
+                   callback_on_step_end_tensor_inputs, return_kl, return_trajectory, timesteps, unsupported):
     check_call_inputs(pipe, generator, callback_on_step_end_tensor_inputs, unsupported)
+    num_inference_steps, timesteps = sampler_grid(pipe, num_inference_steps, timesteps, pipe.sb_default_steps)
     if prompt is None:
         raise ValueError(f"{type(pipe).__name__}: give a prompt (a string or a list of strings)")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -40,7 +41,8 @@ def _text_to_image(pipe, prompt, height, width, num_inference_steps, guidance_sc
     result = sample(pipe, cond, shape, num_inference_steps=num_inference_steps, eta=eta, flow_method=flow_method,
                     generator=generator, latents=latents, return_kl=return_kl, return_trajectory=return_trajectory,
                     callback=callback_on_step_end, callback_tensor_inputs=callback_on_step_end_tensor_inputs,
-                    extra_tensors={k: v for k, v in extras.items() if v is not None}, size=(height, width))
+                    extra_tensors={k: v for k, v in extras.items() if v is not None}, size=(height, width),
+                    timesteps=timesteps)
     return finish(pipe, result, output_type, return_dict, return_kl, return_trajectory)
 
 
@@ -57,16 +59,19 @@ class SBTextToImageMixin(SBFinetunedMixin):
                  flow_method: str = "posterior", generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), return_kl: bool = False,
-                 return_trajectory: bool = False, **unsupported):
+                 return_trajectory: bool = False, timesteps: list[int] | None = None, **unsupported):
         """Sample with the memoryless SDE (η = `eta`; 1 = memoryless, 0 = the adapted model's ODE).
 
         Flow models (SD3): `flow_method` "posterior" (exact step, no singularity at σ = 1) or "euler_maruyama".
         `return_kl` adds the per-step KL of each path to the base model (nats), `return_trajectory` the states.
+        `timesteps` (VP models): a grid of one's own; with neither it nor `num_inference_steps`, the grid the loaded
+        adapter was trained on where it has its own (`sampler.timesteps`).
         Returns `SBPipelineOutput(images, kl, trajectory)`, or that tuple with `return_dict=False`."""
-        return _text_to_image(self, prompt, height, width, num_inference_steps or self.sb_default_steps,
+        return _text_to_image(self, prompt, height, width, num_inference_steps,
                               self.sb_default_guidance if guidance_scale is None else guidance_scale, negative_prompt,
                               num_images_per_prompt, eta, flow_method, generator, latents, output_type, return_dict,
-                              callback_on_step_end, callback_on_step_end_tensor_inputs, return_kl, return_trajectory, unsupported)
+                              callback_on_step_end, callback_on_step_end_tensor_inputs, return_kl, return_trajectory,
+                              timesteps, unsupported)
 
 
 class SBStableDiffusionPipeline(SBTextToImageMixin, StableDiffusionPipeline):

@@ -68,6 +68,20 @@ class GaussianMixture:
     def responsibilities(self, x: Tensor) -> Tensor:
         return self.posterior(x, 1.0, 0.0)[2]
 
+    def log_responsibility(self, x: Tensor, k: int) -> Tensor:
+        """log p(k | x) at the data (differentiable, float64): a classifier's log-probability, the mixture's own.
+
+        As a reward at alpha = 1 it tilts the mixture to component k alone (p(x)·p(k|x) = w_k N(x; m_k, S_k)):
+        `component(k)`, with log Z = log w_k. Digits' reward (log p(target | x)) in closed form."""
+        x = x.double()
+        diff = x[:, None, :] - self.means.double()[None]
+        sol = torch.linalg.solve(self.covs.double()[None], diff.unsqueeze(-1)).squeeze(-1)
+        log_r = self.weights.double().log() - 0.5 * (torch.logdet(self.covs.double()) + (diff * sol).sum(-1))
+        return torch.log_softmax(log_r, dim=1)[:, k]
+
+    def component(self, k: int) -> GaussianMixture:
+        return GaussianMixture(self.weights.new_ones(1), self.means[k : k + 1], self.covs[k : k + 1])
+
     def fit_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(weights, means) of samples x under this mixture's components (soft assignment)."""
         r = self.responsibilities(x)

@@ -38,6 +38,7 @@ class ControlConfig:
 @dataclass
 class SamplerConfig:
     steps: int = 20
+    timesteps: Optional[list[int]] = None  # VP models: the grid's `steps` timesteps, descending (None: the scheduler's)
     eta: float = 1.0  # noise level: 1 = memoryless (the SOC optimum is the tilted base); < 1 biases it
     flow_method: str = "posterior"  # flow models: posterior | euler_maruyama
     guidance_scale: float = 1.0  # classifier-free guidance; > 1 doubles the batch of every model call
@@ -252,6 +253,7 @@ def resolve_config(spec: str | None = None, overrides: list[str] | tuple[str, ..
                     kept = given.startswith(k + ".") and sources[k] not in (DEFAULT, COMMAND_LINE)
                     sources[k] = f"{sources[k].removesuffix(' + ' + COMMAND_LINE)} + {COMMAND_LINE}" if kept else COMMAND_LINE
         notes = _drop_other_rewards_kwargs(conf, sources, file_reward, given_kwargs)
+        notes += _drop_file_grid(conf, sources)
         cfg: Config = OmegaConf.to_object(conf)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
@@ -275,6 +277,20 @@ def _drop_other_rewards_kwargs(conf, sources: dict[str, str], file_reward: tuple
     now = f"the mix {dict(conf.reward.mix)}" if conf.reward.mix else f"'{conf.reward.name}'"
     return [f"reward.kwargs {dropped} from {was} were for reward '{file_reward[0]}', not passed to {now} "
             f"(set reward.kwargs.NAME=VALUE on the command line for it)"]
+
+
+def _drop_file_grid(conf, sources: dict[str, str]) -> list[str]:
+    """A grid a YAML file gave (`sampler.timesteps`) does not follow the command line to another step count."""
+    grid, steps = conf.sampler.timesteps, conf.sampler.steps
+    grid = None if grid is None else list(grid)
+    if grid is None or len(grid) == steps or sources["sampler.steps"] != COMMAND_LINE or \
+            sources["sampler.timesteps"] in (DEFAULT, COMMAND_LINE):
+        return []
+    was = sources["sampler.timesteps"]
+    conf.sampler.timesteps = None
+    sources["sampler.timesteps"] = f"{DEFAULT} (the {len(grid)} of {was} were for sampler.steps={len(grid)})"
+    return [f"sampler.timesteps from {was} has {len(grid)} steps, not sampler.steps={steps}: the scheduler's own grid is "
+            f"used (set sampler.timesteps=[...] on the command line for a grid of your own)"]
 
 
 def describe(resolved: Resolved) -> str:
@@ -319,6 +335,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'optim.warmup_steps': must be >= 0, got {cfg.optim.warmup_steps}")
     if cfg.objective.alpha <= 0:
         raise ConfigError(f"config key 'objective.alpha': the KL weight must be > 0, got {cfg.objective.alpha}")
+    ts = cfg.sampler.timesteps
+    if ts is not None and (len(ts) != cfg.sampler.steps or any(a <= b for a, b in zip(ts, ts[1:])) or min(ts) < 0):
+        raise ConfigError(f"config key 'sampler.timesteps': {cfg.sampler.steps} (sampler.steps) distinct timesteps >= 0 in "
+                          f"descending order, or null; got {len(ts)}: {ts}")
     if cfg.sampler.eta < 0:
         raise ConfigError(f"config key 'sampler.eta': must be >= 0, got {cfg.sampler.eta}")
     o = cfg.objective

@@ -284,6 +284,7 @@ def write_summary(accelerator, cfg: Config, fam, module, schedule, reward, promp
             summary["optimum_base_only"] = summary["optimum"]
         summary["optimum"] = optimum
     summary["samples"] = cfg.logging.summary_samples
+    summary["timesteps"] = schedule.timesteps.tolist()  # the grid kl_per_step_* are on (balanced_timesteps' input)
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     if when == "after" and os.path.isfile(os.path.join(out, "samples_before.png")):

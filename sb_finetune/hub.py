@@ -76,6 +76,9 @@ def write_model_card(folder: str, meta: dict) -> str:
         f"Or with stock diffusers: `DiffusionPipeline.from_pretrained(\"{base}\").load_lora_weights(\"<this folder or repo id>\")`.",
         "",
     ]
+    if sampler.get("timesteps"):
+        lines += [f"Trained on the timesteps {sampler['timesteps']}: `load_finetuned` samples on them; with stock diffusers "
+                  f"pass them as `timesteps=` where the pipeline's `__call__` takes one (DDPMPipeline takes none).", ""]
     path = os.path.join(folder, CARD_FILE)
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

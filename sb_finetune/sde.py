@@ -198,6 +198,42 @@ def step_kl(mean_policy: Tensor, mean_base: Tensor, std: float) -> Tensor:
     return (mean_policy - mean_base).pow(2).flatten(1).sum(1) / (2 * std**2)
 
 
+def balanced_timesteps(kl_per_step: list[float], timesteps: list[int], num_steps: int | None = None, *,
+                       power: float = 0.5, floor: float = 0.2) -> list[int]:
+    """A VP grid of `num_steps` (default: as many) timesteps placed where a control's KL is spent.
+
+    A Gaussian step of variance σ_k² misses the optimal transition N(μ, σ_k²)·h/Z by ≈ ¼ σ_k⁴ ||∇² log h||² (for a
+    quadratic log h the optimal step is Gaussian with covariance σ_k² (I − σ_k² ∇² log h)⁻¹, which a mean shift cannot
+    give), so where the tilt decides (h changes fast) a coarse step costs most, and there the KL rate is high too.
+
+    From a run's per-step KL on the grid `timesteps` (summary.json's `kl_per_step_after` and `timesteps`: step k
+    covers (t_{k+1}, t_k]) the new grid has a density in t ∝ (KL per unit t)^power + floor (the floor relative to the
+    mean, so quiet stretches keep some steps). The grid's last timestep, the data end's step, is kept as it is.
+    power 1 would balance ¼σ⁴||∇²log h||² where ||∇²log h|| ~ ||∇log h||²; on the mixture's class tilt
+    (benchmarks/decision_chain.py) powers 0.5–1 and floors 0.05–0.3 came within 0.02 nats of each other."""
+    ts = [int(t) for t in timesteps]
+    n = len(ts) if num_steps is None else num_steps
+    if len(kl_per_step) != len(ts) or any(a <= b for a, b in zip(ts, ts[1:])) or n < 2 or power < 0 or floor <= 0:
+        raise ValueError(f"balanced_timesteps: need one KL per step of a strictly descending grid, num_steps >= 2, "
+                         f"power >= 0, floor > 0 (got {len(kl_per_step)} KLs, {len(ts)} timesteps, {n}, {power}, {floor})")
+    # density over the steps above the last timestep: step k of the old grid covers (t_{k+1}, t_k]
+    width = torch.tensor([a - b for a, b in zip(ts[:-1], ts[1:])], dtype=torch.float64)
+    rate = torch.tensor(kl_per_step[:-1], dtype=torch.float64).clamp_min(0) / width
+    dens = rate**power
+    dens = dens / (dens * width).sum().clamp_min(1e-300) * width.sum() + floor
+    cum = torch.cat([dens.new_zeros(1), torch.cumsum(dens * width, 0)])
+    cum = cum / cum[-1]
+    levels = torch.linspace(0, 1, n, dtype=torch.float64)[:-1]  # n − 1 steps above the kept last timestep
+    j = (torch.searchsorted(cum, levels, right=True) - 1).clamp(0, len(width) - 1)
+    t = torch.tensor(ts[:-1], dtype=torch.float64)[j] - (levels - cum[j]) / (cum[j + 1] - cum[j]) * width[j]
+    out = [int(round(float(v))) for v in t] + [ts[-1]]
+    for i in range(len(out) - 2, -1, -1):  # strictly descending after rounding (steps of at least 1)
+        out[i] = max(out[i], out[i + 1] + 1)
+    if out[0] > ts[0]:
+        raise ValueError(f"balanced_timesteps: {n} steps do not fit between t = {ts[-1]} and {ts[0]}")
+    return out
+
+
 # --------------------------------------------------------------------------- schedules from diffusers
 
 
@@ -212,9 +248,10 @@ def vp_schedule(scheduler, num_steps: int, eta: float = 1.0, timesteps: list[int
         scheduler.set_timesteps(num_steps)
         timesteps = [int(t) for t in scheduler.timesteps]
     ts = torch.tensor(timesteps, dtype=torch.long)
-    if len(ts) != num_steps or not bool((ts[:-1] > ts[1:]).all()):
-        raise ValueError(f"vp_schedule: need {num_steps} strictly descending timesteps, got {ts.tolist()}")
     alphas_cumprod = scheduler.alphas_cumprod.double()
+    if len(ts) != num_steps or not bool((ts[:-1] > ts[1:]).all()) or int(ts.min()) < 0 or int(ts.max()) >= len(alphas_cumprod):
+        raise ValueError(f"vp_schedule: need {num_steps} strictly descending timesteps in [0, {len(alphas_cumprod) - 1}], "
+                         f"got {ts.tolist()}")
     final = getattr(scheduler, "final_alpha_cumprod", None)
     final = 1.0 if final is None else float(final)
     alpha_bar = torch.cat([alphas_cumprod[ts], torch.tensor([final], dtype=torch.float64)])
@@ -234,10 +271,14 @@ def flow_schedule(scheduler, num_steps: int, eta: float = 1.0, method: FlowMetho
     return FlowSchedule(scheduler.timesteps.float().cpu(), sigmas, eta, method)
 
 
-def make_schedule(scheduler, num_steps: int, eta: float = 1.0, flow_method: FlowMethod = "posterior", **kwargs) -> Schedule:
-    """VP or flow schedule, by the scheduler's kind."""
+def make_schedule(scheduler, num_steps: int, eta: float = 1.0, flow_method: FlowMethod = "posterior",
+                  timesteps: list[int] | None = None, **kwargs) -> Schedule:
+    """VP or flow schedule, by the scheduler's kind; `timesteps`: a VP grid of one's own (`sampler.timesteps`)."""
     if hasattr(scheduler, "alphas_cumprod"):
-        return vp_schedule(scheduler, num_steps, eta)
+        return vp_schedule(scheduler, num_steps, eta, timesteps)
+    if timesteps is not None:
+        raise ValueError(f"timesteps of one's own (sampler.timesteps, a pipeline's timesteps=) are for VP (DDPM/DDIM) "
+                         f"schedulers; {type(scheduler).__name__} makes its own grid from the step count")
     if "FlowMatch" in type(scheduler).__name__:
         return flow_schedule(scheduler, num_steps, eta, flow_method, **kwargs)
     raise TypeError(f"{type(scheduler).__name__} is neither a VP (alphas_cumprod) nor a flow-matching scheduler")

@@ -136,7 +136,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     pipe = load_pipeline(cfg.model).to(accelerator.device)
     fam = family_of(pipe, cfg.model.family)  # encode, denoise, latents, decode, schedule: the model's own ways
     size = (cfg.model.resolution,) * 2 if cfg.model.resolution else None
-    schedule = fam.schedule(cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.flow_method, size)
+    schedule = fam.schedule(cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.flow_method, size, cfg.sampler.timesteps)
     if not bool(schedule.controlled.any()):
         raise ValueError(f"sampler.steps={cfg.sampler.steps}, sampler.eta={cfg.sampler.eta}: no step of this chain is "
                          f"controlled ({int((schedule.std > 0).sum())} stochastic; a deterministic step takes the base's "
@@ -158,7 +158,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     ddp_module, optimizer, lr_schedule = accelerator.prepare(module, optimizer, lr_schedule)
     counters = Counters()
     meta = {"base_model": cfg.model.pretrained, "family": fam.name, "sampler": {"steps": cfg.sampler.steps, "eta": cfg.sampler.eta,
-            "flow_method": cfg.sampler.flow_method, "guidance_scale": cfg.sampler.guidance_scale},
+            "flow_method": cfg.sampler.flow_method, "guidance_scale": cfg.sampler.guidance_scale, "timesteps": cfg.sampler.timesteps},
             "alpha": cfg.objective.alpha, "reward": reward.name}
     # checkpoints hold the LoRA in diffusers' format (+ config.yaml, an estimator's own state), not the frozen model
     estimator = make_estimator(cfg.objective)

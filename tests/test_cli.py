@@ -105,3 +105,19 @@ def test_a_reward_that_cannot_be_built_is_one_line_and_exit_2(tmp_path, monkeypa
     assert main(["--config", "smoke", "output.dir=out", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err == said and not (tmp_path / "out").exists()
+
+
+def test_a_grid_of_one_s_own_is_read_from_the_command_line_and_checked():
+    grid = [999, 815, 730, 670, 623, 582, 545, 511, 478, 447, 417, 386, 355, 323, 289, 250, 204, 147, 79, 49]
+    assert load_config("digits", [f"sampler.timesteps={grid}".replace(" ", "")]).sampler.timesteps == grid
+    cases = {("sampler.timesteps=[900,500]",): "20 \\(sampler.steps\\) distinct timesteps.*got 2",
+             ("sampler.steps=2", "sampler.timesteps=[500,900]"): "descending order.*got 2: \\[500, 900\\]",
+             ("sampler.timesteps=[900,fast]",): "config key 'sampler.timesteps"}
+    for overrides, said in cases.items():
+        with pytest.raises(ConfigError, match=said):
+            load_config("digits", list(overrides))
+    # another step count on the command line leaves the YAML's grid behind, and says so
+    other = resolve_config("digits", ["sampler.steps=50"])
+    assert other.config.sampler.timesteps is None and other.config.sampler.steps == 50
+    assert "sampler.timesteps from" in other.notes[0] and "has 20 steps, not sampler.steps=50" in other.notes[0]
+    assert resolve_config("digits", ["sampler.steps=20"]).config.sampler.timesteps[0] == 999  # the same count: kept

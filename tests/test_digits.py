@@ -32,7 +32,9 @@ def test_shipped_ddpm_draws_every_digit():
     from sb_finetune.pipelines import SBDDPMPipeline
 
     pipe = SBDDPMPipeline.from_pretrained(BASE_DIR)
-    out = pipe(batch_size=200, num_inference_steps=20, output_type="pt",  # the default's chain
+    from sb_finetune.config import load_config
+
+    out = pipe(batch_size=200, timesteps=load_config("digits").sampler.timesteps, output_type="pt",  # the default's chain
                generator=torch.Generator().manual_seed(0))
     reward = load_reward("digit", target=0)
     with torch.no_grad():
@@ -73,6 +75,10 @@ def test_a_short_default_run_raises_the_reward_and_writes_its_summary(tmp_path):
         assert (tmp_path / name).exists(), name
     from sb_finetune.pipelines import SBDDPMPipeline, load_finetuned
 
-    pipe = load_finetuned(str(tmp_path))  # base "builtin:digits" + the adapter, in one line
-    out = pipe(batch_size=4, num_inference_steps=20, output_type="pt", return_kl=True, generator=torch.Generator().manual_seed(0))
+    pipe = load_finetuned(str(tmp_path))  # base "builtin:digits" + the adapter, in one line, on the grid it was trained on
+    assert summary["timesteps"] == cfg.sampler.timesteps and cfg.sampler.timesteps[0] == 999
+    seen = []
+    out = pipe(batch_size=4, output_type="pt", return_kl=True, generator=torch.Generator().manual_seed(0),
+               callback_on_step_end=lambda p, k, t, tensors: seen.append(int(t)) or {})
     assert isinstance(pipe, SBDDPMPipeline) and out.images.shape == (4, 3, 16, 16) and out.kl.sum() > 0
+    assert seen == cfg.sampler.timesteps

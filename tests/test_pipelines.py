@@ -25,7 +25,7 @@ def _call(pipe, family, seed=0, **kw):
     return pipe(**args)
 
 
-def _make_adapter(tmp_path, family, init="gaussian", scale=0.05):
+def _make_adapter(tmp_path, family, init="gaussian", scale=0.05, sampler=None):
     """A saved control adapter, as training leaves it: LoRA B non-zero (unless `init` zeroes the control)."""
     pipe = TINY_PIPELINES[KIT[family]]()
     module = denoiser_module(pipe)
@@ -39,7 +39,8 @@ def _make_adapter(tmp_path, family, init="gaussian", scale=0.05):
     assert params
     folder = tmp_path / f"adapter-{family}"
     save_lora_control(pipe, module, str(folder), {"base_model": f"tiny:{KIT[family]}", "family": family,
-                                                  "sampler": {"steps": 5, "eta": 1.0}, "alpha": 0.1, "reward": "brightness"})
+                                                  "sampler": sampler or {"steps": 5, "eta": 1.0}, "alpha": 0.1,
+                                                  "reward": "brightness"})
     return str(folder)
 
 
@@ -141,6 +142,30 @@ def test_callback_trajectory_output_types_and_return_dict(tmp_path):
         _call(pipe, "sd", ip_adapter_image=torch.zeros(1))
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs \\['nope'\\]"):
         _call(pipe, "sd", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["nope"])
+
+
+@pytest.mark.parametrize("family", ["sd", "unet2d"])
+def test_an_adapter_trained_on_a_grid_of_its_own_samples_on_it_by_default(tmp_path, family):
+    """`sampler.timesteps` in sb_finetune.json: the loaded pipeline steps through that grid when the call names no
+    step count, `timesteps=` gives it explicitly (same images), a step count alone is the scheduler's own grid,
+    and the two together must agree. The model card says which grid to pass to a stock pipeline."""
+    grid = [980, 700, 450, 200, 40]
+    folder = _make_adapter(tmp_path, family, sampler={"steps": 5, "eta": 1.0, "timesteps": grid})
+    pipe = load_finetuned(folder)
+    seen = []
+
+    def callback(p, k, t, tensors):
+        seen.append(int(t))
+        return {}
+
+    own = _call(pipe, family, num_inference_steps=None, callback_on_step_end=callback).images
+    assert seen == grid
+    assert torch.equal(own, _call(pipe, family, num_inference_steps=None, timesteps=grid).images)
+    stock_grid = _call(pipe, family).images  # num_inference_steps=5: the scheduler's spacing
+    assert (own - stock_grid).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="num_inference_steps=4 and 5 timesteps"):
+        _call(pipe, family, num_inference_steps=4, timesteps=grid)
+    assert str(grid) in (tmp_path / f"adapter-{family}" / "README.md").read_text()
 
 
 # ----------------------------------------------------------------------------- metadata, card, errors

@@ -123,9 +123,10 @@ class Family:
         return (image / 2 + 0.5).clamp(0, 1)
 
     def schedule(self, steps: int, eta: float = 1.0, flow_method: str = "posterior",
-                 size: tuple[int, int] | None = None) -> Schedule:
-        """The sampler's schedule from the pipeline's scheduler (`size`: the image, for resolution-shifted models)."""
-        return make_schedule(self.pipe.scheduler, steps, eta, flow_method)
+                 size: tuple[int, int] | None = None, timesteps: list[int] | None = None) -> Schedule:
+        """The sampler's schedule from the pipeline's scheduler (`size`: the image, for resolution-shifted models;
+        `timesteps`: a VP grid of one's own, `sampler.timesteps`)."""
+        return make_schedule(self.pipe.scheduler, steps, eta, flow_method, timesteps)
 
     # ---- adapters
     def save_adapter(self, out_dir: str, layers: dict[str, Tensor], peft_meta: dict) -> None:

@@ -32,7 +32,9 @@ class TokenFamily(Family):
             raise ValueError(f"height and width must be multiples of {p}, got {height}×{width}")
         return (batch, self.module.config.in_channels // 4, height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
 
-    def schedule(self, steps, eta=1.0, flow_method="posterior", size=None):
+    def schedule(self, steps, eta=1.0, flow_method="posterior", size=None, timesteps=None):
+        if timesteps is not None:
+            return super().schedule(steps, eta, flow_method, size, timesteps)  # refused there: a flow scheduler
         height, width = size or self.default_size()
         tokens = (height // self.pipe.vae_scale_factor // 2) * (width // self.pipe.vae_scale_factor // 2)
         return token_shifted_schedule(self.pipe.scheduler, steps, eta, flow_method, tokens)
