@@ -32,7 +32,8 @@ Rows, by cause (each against `cosine`: the old default, 80 steps at lr 3e-3, wit
                         default_7_alpha0.5: the same on another digit and alpha, untuned; default_warmup20: the
                         default with the rate ramped up over its first 20 steps (does the early KL overshoot matter?);
                         steps600: the default decayed over 600 steps instead of 180 (about 36 minutes: where it stalls);
-                        n10_steps600: the same on a 10-step chain (15 minutes: the chain's share where both stall)
+                        n10_steps600: the same on a 10-step chain (15 minutes: the chain's share where both stall);
+                        lora_plus4: the default with LoRA+ (its B matrices at 4× the A matrices' rate)
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ ROWS = {  # every row but `before` and `default` changes one thing against `cosi
     "stl_lr1e-2": ("(b) estimator", ["objective.path_gradient=stl", "optim.lr=1e-2", "optim.warmup_steps=10"]),
     "steps600": ("(d) optimisation", ["optim.steps=600"]),
     "n10_steps600": ("(a) chain", ["sampler.steps=10", "optim.steps=600"]),
+    "lora_plus4": ("(d) optimisation", ["optim.lora_plus_ratio=4"]),
 }
 SAMPLES = 512
 

@@ -89,6 +89,7 @@ class OptimConfig:
     lr_schedule: str = "constant"  # constant | cosine | linear (to 0 at optim.steps), after optim.warmup_steps
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    lora_plus_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): the rate of the LoRA B matrices over the A matrices' (optim.lr)
     batch_size: int = 2  # per device
     group_size: Optional[int] = None  # samples per prompt in a batch (weighted/policy_gradient compare within it); None: the batch is one group (one prompt)
     grad_accum: int = 1
@@ -331,6 +332,9 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}': must be >= 1, got {value}")
+    if cfg.optim.lora_plus_ratio <= 0:
+        raise ConfigError(f"config key 'optim.lora_plus_ratio': the B matrices' rate over the A matrices' must be > 0, "
+                          f"got {cfg.optim.lora_plus_ratio}")
     if cfg.optim.warmup_steps < 0:
         raise ConfigError(f"config key 'optim.warmup_steps': must be >= 0, got {cfg.optim.warmup_steps}")
     if cfg.objective.alpha <= 0:

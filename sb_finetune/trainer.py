@@ -153,7 +153,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         if isinstance(part, torch.nn.Module) and part is not module:
             part.requires_grad_(False)
     reward.to(accelerator.device).requires_grad_(False)
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(lora_plus_groups(module, params, cfg.optim), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     lr_schedule = _lr_schedule(cfg, optimizer, accelerator.num_processes)
     ddp_module, optimizer, lr_schedule = accelerator.prepare(module, optimizer, lr_schedule)
     counters = Counters()
@@ -167,7 +167,14 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     history = []
     if resume:
         path = checkpoint.choose(accelerator, out_dir, resume)  # the newest every process reads whole
-        accelerator.load_state(path)
+        try:
+            accelerator.load_state(path)
+        except ValueError as err:  # torch's optimizer: "loaded state dict has a different number of parameter groups"
+            if "parameter groups" not in str(err):
+                raise
+            raise ValueError(f"--resume {path}: its optimizer has another number of parameter groups than this run's "
+                             f"{len(optimizer.param_groups)} (optim.lora_plus_ratio={cfg.optim.lora_plus_ratio}: 1 is one "
+                             f"group, any other value two); resume with the ratio of its config.yaml") from None
         counters.step, counters.skipped = checkpoint.read_state(path)
         history = _read_history(out_dir, counters.step)
         _restart_lr_schedule(lr_schedule, cfg, counters.step, accelerator.num_processes)
@@ -325,12 +332,27 @@ def _lr_schedule(cfg: Config, optimizer, num_processes: int):
                          num_training_steps=cfg.optim.steps * per_step)
 
 
+def lora_plus_groups(module: torch.nn.Module, params: list, optim) -> list:
+    """The optimizer's parameter groups: one at optim.lr, or with `optim.lora_plus_ratio` != 1 (LoRA+) the A matrices
+    at optim.lr and the B matrices (zero at the start: ΔW = B·A) at lr · ratio; a resumed schedule restarts each at
+    its own rate (`_restart_lr_schedule`)."""
+    if optim.lora_plus_ratio == 1.0:
+        return [{"params": params}]
+    b_ids = {id(p) for name, p in module.named_parameters() if ".lora_B." in name}
+    groups = [{"params": [p for p in params if id(p) not in b_ids]},
+              {"params": [p for p in params if id(p) in b_ids], "lr": optim.lr * optim.lora_plus_ratio}]
+    if not groups[1]["params"]:
+        raise ValueError("optim.lora_plus_ratio: the control has no LoRA B matrices (peft's lora_B) to give the rate")
+    return groups
+
+
 def _restart_lr_schedule(lr_schedule, cfg: Config, step: int, num_processes: int) -> None:
     """After a resume, the rate the resumed config's schedule gives at the restored step. (The checkpoint's optimizer
     holds the rate its own run would use next: with another `optim.steps` or `optim.lr`, a cosine would take one
     step at the old schedule's rate.)"""
     inner = lr_schedule.scheduler  # accelerate's wrapper around torch's LambdaLR
-    inner.base_lrs = [cfg.optim.lr] * len(inner.base_lrs)
+    ratios = [1.0, cfg.optim.lora_plus_ratio][:len(inner.optimizer.param_groups)]  # lora_plus_groups' order: A, B
+    inner.base_lrs = [cfg.optim.lr * r for r in ratios]
     inner.last_epoch = step * cfg.optim.updates_per_batch * num_processes
     for group, base_lr, factor in zip(inner.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
         group["lr"] = base_lr * factor(inner.last_epoch)

@@ -178,12 +178,14 @@ def test_non_differentiable_reward_is_refused_before_the_model_loads():
 # ----------------------------------------------------------------------------- checkpoints, resume, many processes
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("lora_plus", ["1", "4"])
+def test_resume_continues_exactly(tmp_path, lora_plus):
     """4 steps straight == 2 steps, stop, `--resume latest` to 4: same adapter, same step count, same history, the
-    learning-rate schedule where it was (cosine with a warm-up step: lr 0, then 1e-2 · (1 + cos(π·i/3))/2)."""
+    learning-rate schedule where it was (cosine with a warm-up step: lr 0, then 1e-2 · (1 + cos(π·i/3))/2); with
+    LoRA+ (`optim.lora_plus_ratio=4`) the B matrices' group restarts at 4× that."""
     from sb_finetune.trainer import train
 
-    lr = ("optim.lr=1e-2", "optim.lr_schedule=cosine", "optim.warmup_steps=1")
+    lr = ("optim.lr=1e-2", "optim.lr_schedule=cosine", "optim.warmup_steps=1", f"optim.lora_plus_ratio={lora_plus}")
     straight = train(_smoke(tmp_path / "straight", "optim.steps=4", *lr))
     first = train(_smoke(tmp_path / "split", "optim.steps=2", *lr, "output.checkpoint_every=2"))
     checkpoint = tmp_path / "split" / "checkpoints" / "checkpoint_2"  # named by its step
@@ -198,6 +200,30 @@ def test_resume_continues_exactly(tmp_path):
     assert [h["lr"] for h in resumed["history"]] == pytest.approx(expected)
     assert [h["lr"] for h in straight["history"]] == pytest.approx(expected)
     assert any(not torch.equal(v, first["lora"][k]) for k, v in resumed["lora"].items())
+
+
+def test_lora_plus_gives_the_b_matrices_their_own_rate(tmp_path):
+    """`optim.lora_plus_ratio=4`: B starts at 0, so A has no gradient on the first step and stays at its init, while
+    Adam moves every B entry by its rate times g/(|g| + ε): 4× the entries of the same step at ratio 1, entry for entry.
+    A checkpoint of the other kind (one group against two) is refused on resume with the key to set."""
+    from sb_finetune.trainer import train
+
+    one = ("optim.steps=1", "optim.lr=1e-2", "output.checkpoint_every=1")
+    plain = train(_smoke(tmp_path / "plain", *one))["lora"]
+    plus = train(_smoke(tmp_path / "plus", *one, "optim.lora_plus_ratio=4"))["lora"]
+    b_keys = [k for k in plain if "lora_B" in k or "lora.up" in k]
+    assert b_keys and len(b_keys) * 2 == len(plain)
+    for k, v in plain.items():
+        if k in b_keys:
+            assert float(v.abs().max()) > 1e-3 and torch.allclose(plus[k], 4 * v, rtol=1e-4, atol=1e-7), k
+        else:
+            assert torch.equal(plus[k], v), k
+    with pytest.raises(ValueError, match=r"another number of parameter groups than this run's 2 \(optim.lora_plus_ratio=4"):
+        train(_smoke(tmp_path / "plain", "optim.steps=2", "optim.lr=1e-2", "optim.lora_plus_ratio=4"), resume="latest")
+    from sb_finetune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'optim.lora_plus_ratio': .* must be > 0, got 0"):
+        _smoke(tmp_path, "optim.lora_plus_ratio=0")
 
 
 def test_a_run_starts_from_a_saved_adapter_and_refuses_one_that_does_not_fit(tmp_path):
