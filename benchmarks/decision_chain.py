@@ -34,18 +34,18 @@ from sb_finetune.rollout import rollout
 from sb_finetune.sde import balanced_timesteps, vp_schedule
 
 C, ALPHA = 1, 1.0
+GMM = three_blobs()
 ROWS = {"10": (10, False), "20": (20, False), "20b": (20, True), "50": (50, False)}  # name: (N, balanced grid)
 
 
 def chain(n: int, timesteps: list[int] | None = None):
-    gmm = three_blobs()
     sched = DDPMScheduler(clip_sample=False, timestep_spacing="trailing")
-    return gmm, vp_schedule(sched, n, 1.0, timesteps), gmm.vp_denoiser(sched.alphas_cumprod), \
-        gmm.component(C).vp_denoiser(sched.alphas_cumprod)
+    return vp_schedule(sched, n, 1.0, timesteps), GMM.vp_denoiser(sched.alphas_cumprod), \
+        GMM.component(C).vp_denoiser(sched.alphas_cumprod)
 
 
 def reward(x: torch.Tensor) -> torch.Tensor:
-    return three_blobs().log_responsibility(x, C).to(x.dtype)
+    return GMM.log_responsibility(x, C).to(x.dtype)
 
 
 @torch.no_grad()
@@ -55,7 +55,7 @@ def measure(policy, base, schedule, n: int, seed: int) -> dict:
     out = rollout(policy, base, schedule, torch.randn(n, 2, generator=g), window=0, generator=g)
     per_path = ALPHA * out.log_ratio.sum(1).double() - reward(out.x).double()
     return {"objective": float(per_path.mean()), "se": float(per_path.std()) / n**0.5, "kl": float(out.kl.sum(1).mean()),
-            "on_c": float(three_blobs().responsibilities(out.x)[:, C].mean()),
+            "on_c": float(GMM.responsibilities(out.x)[:, C].mean()),
             "kl_per_step": [round(float(v), 5) for v in out.kl.mean(0)]}
 
 
@@ -67,18 +67,19 @@ def chain_optimum(base, schedule, seed: int, n: int = 100_000) -> float:
     return -ALPHA * (float(torch.logsumexp(reward(out.x).double() / ALPHA, 0)) - math.log(n))
 
 
-def run(name: str, iters: int, exact_only: bool, profile: list[float] | None, seed: int = 0) -> dict:
+def run(name: str, iters: int, exact_only: bool, trailing: dict | None, seed: int = 0) -> dict:
+    """One row; a balanced one needs `trailing`, the trained trailing row of the same N (its grid and per-step KL)."""
     n, balanced = ROWS[name]
     timesteps = None
     if balanced:
-        if profile is None:
+        if trailing is None:
             raise SystemExit(f"row {name}: the balanced grid needs the trailing row's trained per-step KL (run row "
                              f"{n} first, in the same call, without --exact-only)")
-        timesteps = balanced_timesteps(profile, vp_schedule(DDPMScheduler(timestep_spacing="trailing"), n).timesteps.tolist())
-    gmm, schedule, base, exact = chain(n, timesteps)
+        timesteps = balanced_timesteps(trailing["trained"]["kl_per_step"], trailing["grid"])
+    schedule, base, exact = chain(n, timesteps)
     optimum = chain_optimum(base, schedule, seed + 2)
     row = {"row": name, "N": n, "grid": schedule.timesteps.tolist(), "optimum": optimum,
-           "optimum_vs_continuum": optimum + ALPHA * math.log(float(gmm.weights[C]))}
+           "optimum_vs_continuum": optimum + ALPHA * math.log(float(GMM.weights[C]))}
     row["exact"] = measure(exact, base, schedule, 20_000, seed + 1)
     if not exact_only:
         torch.manual_seed(seed)
@@ -98,15 +99,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
-    print(f"class tilt: component {C} (base weight {float(three_blobs().weights[C]):.2f}), -log Z = "
-          f"{-math.log(float(three_blobs().weights[C])):.3f}, alpha {ALPHA}, iters {args.iters}")
+    print(f"class tilt: component {C} (base weight {float(GMM.weights[C]):.2f}), -log Z = "
+          f"{-math.log(float(GMM.weights[C])):.3f}, alpha {ALPHA}, iters {args.iters}")
     print(f"{'row':4s} {'N':>3s} {'optimum (vs continuum)':>22s} {'exact: gap':>16s} {'KL':>6s} {'on c':>6s} "
           f"{'trained: gap':>16s} {'KL':>6s} {'on c':>6s} {'sec':>5s}  grid")
-    rows, profiles = [], {}
+    rows, trailing = [], {}
     for name in args.rows:
-        row = run(name, args.iters, args.exact_only, profiles.get(ROWS[name][0]), args.seed)
+        row = run(name, args.iters, args.exact_only, trailing.get(ROWS[name][0]), args.seed)
         if "trained" in row and not ROWS[name][1]:
-            profiles[row["N"]] = row["trained"]["kl_per_step"]
+            trailing[row["N"]] = row
         rows.append(row)
         e, t = row["exact"], row.get("trained")
         trained = f"{t['objective'] - row['optimum']:7.3f} ± {t['se']:.3f} {t['kl']:6.3f} {t['on_c']:6.3f} {row['seconds']:5.0f}" \

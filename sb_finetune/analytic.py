@@ -52,15 +52,18 @@ class GaussianMixture:
         z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
         return self.means[k] + torch.einsum("nij,nj->ni", torch.linalg.cholesky(self.covs)[k], z)
 
-    def posterior(self, x: Tensor, a: float, b: float) -> tuple[Tensor, Tensor, Tensor]:
-        """(E[x0|x], E[ε|x], responsibilities [n, K]) for x = a·x0 + b·ε, in float64."""
+    def _solve(self, x: Tensor, a: float, b: float) -> tuple[Tensor, Tensor]:
+        """(C_k⁻¹ (x − a m_k) [n, K, d], log w_k N(x; a m_k, C_k) up to a constant [n, K]) for x = a·x0 + b·ε, float64."""
         x = x.double()
         eye = torch.eye(self.dim, dtype=torch.float64)
         cov = a**2 * self.covs.double() + b**2 * eye  # C_k
         diff = x[:, None, :] - a * self.means.double()[None]  # [n, K, d]
         sol = torch.linalg.solve(cov[None], diff.unsqueeze(-1)).squeeze(-1)  # C_k⁻¹ (x − a m_k)
-        log_det = torch.logdet(cov)
-        log_r = self.weights.double().log() - 0.5 * (log_det + (diff * sol).sum(-1))
+        return sol, self.weights.double().log() - 0.5 * (torch.logdet(cov) + (diff * sol).sum(-1))
+
+    def posterior(self, x: Tensor, a: float, b: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(E[x0|x], E[ε|x], responsibilities [n, K]) for x = a·x0 + b·ε, in float64."""
+        sol, log_r = self._solve(x, a, b)
         r = torch.softmax(log_r, dim=1)
         x0 = self.means.double()[None] + a * torch.einsum("kij,nkj->nki", self.covs.double(), sol)
         return (r[..., None] * x0).sum(1), (r[..., None] * (b * sol)).sum(1), r
@@ -73,11 +76,7 @@ class GaussianMixture:
 
         As a reward at alpha = 1 it tilts the mixture to component k alone (p(x)·p(k|x) = w_k N(x; m_k, S_k)):
         `component(k)`, with log Z = log w_k. Digits' reward (log p(target | x)) in closed form."""
-        x = x.double()
-        diff = x[:, None, :] - self.means.double()[None]
-        sol = torch.linalg.solve(self.covs.double()[None], diff.unsqueeze(-1)).squeeze(-1)
-        log_r = self.weights.double().log() - 0.5 * (torch.logdet(self.covs.double()) + (diff * sol).sum(-1))
-        return torch.log_softmax(log_r, dim=1)[:, k]
+        return torch.log_softmax(self._solve(x, 1.0, 0.0)[1], dim=1)[:, k]
 
     def component(self, k: int) -> GaussianMixture:
         return GaussianMixture(self.weights.new_ones(1), self.means[k : k + 1], self.covs[k : k + 1])
