@@ -100,7 +100,7 @@ class Problem:
         cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"))
         self.fam = family_of(load_pipeline(cfg.model))
         self.fam.module.requires_grad_(False)
-        self.schedule = self.fam.schedule(cfg.sampler.steps, cfg.sampler.eta, timesteps=cfg.sampler.timesteps)
+        self.schedule = self.fam.sampler_schedule(cfg.sampler)
         if not clamp:  # both processes without the scheduler's clamp of x̂0: another base, with an optimum of its own
             self.schedule = dataclasses.replace(self.schedule, clip_sample=None)
         self.n = self.schedule.num_steps

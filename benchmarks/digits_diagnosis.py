@@ -118,7 +118,7 @@ def measure(folder: str) -> dict:
     pipe = load_finetuned(folder)
     reward = load_reward(cfg.reward.name, **cfg.reward.kwargs)
     fam = pipe.sb_model
-    schedule = fam.schedule(cfg.sampler.steps, cfg.sampler.eta, timesteps=cfg.sampler.timesteps)
+    schedule = fam.sampler_schedule(cfg.sampler)
     prompts = load_prompts(cfg.prompts)
     paths = sample_paths(fam, fam.module, schedule, reward, prompts, SAMPLES, 128, seed=777)
     base = sample_paths(fam, fam.module, schedule, reward, prompts, SAMPLES, 128, seed=777, from_base=True)
@@ -178,7 +178,7 @@ def optimum_profile(continuations: int = 32, paths: int = 48, n_base: int = 2048
     torch.set_flush_denormal(True)
     cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"))
     fam = family_of(load_pipeline(cfg.model))
-    schedule = fam.schedule(cfg.sampler.steps, cfg.sampler.eta, timesteps=cfg.sampler.timesteps)
+    schedule = fam.sampler_schedule(cfg.sampler)
     base = fam.denoiser(fam.module, fam.encode(None, 1))
     judge = load_reward(cfg.reward.name, **cfg.reward.kwargs)
 
@@ -221,7 +221,7 @@ def gap_profile_of(folder: str, paths: int = 96, continuations: int = 8) -> None
     torch.set_flush_denormal(True)
     cfg = load_config(os.path.join(folder, "config.yaml"))
     fam = load_finetuned(folder).sb_model
-    schedule = fam.schedule(cfg.sampler.steps, cfg.sampler.eta, timesteps=cfg.sampler.timesteps)
+    schedule = fam.sampler_schedule(cfg.sampler)
     judge = load_reward(cfg.reward.name, **cfg.reward.kwargs)
     policy = fam.denoiser(fam.module, fam.encode(None, 1))
     base = base_denoiser(policy, fam.module)
@@ -274,7 +274,7 @@ def gradient_noise(folder: str, batches: int = 16, overrides: list[str] | None =
     fam = family_of(load_pipeline(cfg.model))
     params = add_lora_control(fam.module, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
     load_lora_control(fam.module, folder)
-    schedule = fam.schedule(cfg.sampler.steps, cfg.sampler.eta, timesteps=cfg.sampler.timesteps)
+    schedule = fam.sampler_schedule(cfg.sampler)
     judge = load_reward(cfg.reward.name, **cfg.reward.kwargs)
     b = cfg.optim.batch_size
     policy = fam.denoiser(fam.module, fam.encode(None, b))

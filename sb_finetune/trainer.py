@@ -136,7 +136,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     pipe = load_pipeline(cfg.model).to(accelerator.device)
     fam = family_of(pipe, cfg.model.family)  # encode, denoise, latents, decode, schedule: the model's own ways
     size = (cfg.model.resolution,) * 2 if cfg.model.resolution else None
-    schedule = fam.schedule(cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.flow_method, size, cfg.sampler.timesteps)
+    schedule = fam.sampler_schedule(cfg.sampler, size)
     if not bool(schedule.controlled.any()):
         raise ValueError(f"sampler.steps={cfg.sampler.steps}, sampler.eta={cfg.sampler.eta}: no step of this chain is "
                          f"controlled ({int((schedule.std > 0).sum())} stochastic; a deterministic step takes the base's "

@@ -128,6 +128,10 @@ class Family:
         `timesteps`: a VP grid of one's own, `sampler.timesteps`)."""
         return make_schedule(self.pipe.scheduler, steps, eta, flow_method, timesteps)
 
+    def sampler_schedule(self, sampler, size: tuple[int, int] | None = None) -> Schedule:
+        """The schedule a config's `sampler` section (SamplerConfig) describes: steps, eta, flow_method, timesteps."""
+        return self.schedule(sampler.steps, sampler.eta, sampler.flow_method, size, sampler.timesteps)
+
     # ---- adapters
     def save_adapter(self, out_dir: str, layers: dict[str, Tensor], peft_meta: dict) -> None:
         """The LoRA in diffusers' format, so the stock pipeline's `load_lora_weights` loads it."""
