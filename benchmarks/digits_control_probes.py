@@ -8,6 +8,8 @@ of seed 777 against an optimum estimated from those and as many base paths (`eva
     python benchmarks/digits_control_probes.py guided --steps 180       # reward guidance plus a potential (~5)
     python benchmarks/digits_control_probes.py distil --source potential_steps360 --rounds 48 --lr 3e-3   # (~6)
     python benchmarks/digits_control_probes.py kernel --pool 2048 --bandwidth 4 [--decision 5]   # no training (~2)
+    python benchmarks/digits_control_probes.py full --steps 180 --lr 3e-4   # every weight of the UNet (~8)
+    python benchmarks/digits_control_probes.py lora --steps 180 --lr 3e-3   # the default's LoRA in this loop (~9)
 
 The control is the gradient of a learned potential V(x, j) (a classifier-shaped CNN of 0.4 M parameters, its output
 layer zero at the start, so training starts at zero control), applied at the base's mean,
@@ -34,6 +36,11 @@ the probe's own paths: ||μ_θ(x_k) − μ_probe(x_k)||² / (2σ_k²) at states 
 the steps the path KL the LoRA loses to the probe, logged each round. Then the LoRA is measured as the probes are.
 `source_kl_where_clamped`: the probe's KL a path on the pixels the clamp holds, which no LoRA can reach.
 
+full: no LoRA: a trainable copy of the whole base UNet (0.7 M weights, every one free) is the policy, the frozen
+base beside it, μ_k = μ_policy(x_k) as the trainer's LoRA makes it (through ε̂ and the clamp): the upper bound on what
+any adapter of this network reaches at the same training, the issue's "full-parameter control". lora: the default's
+rank-8 adapter trained in this same loop (`--lr 3e-3`, the default's rate), the yardstick for `full`.
+
 kernel: no training. The tilt's guidance for the pool's empirical distribution instead of the base's, from `--pool`
 base samples x_i and their weights w_i = exp(R(x_i)/alpha): with π_i(y) ∝ N(y; √ᾱ x_i, b(1−ᾱ)) (ᾱ at the step's end,
 b = `--bandwidth`) and π^w_i ∝ w_i π_i, the shift at the base's mean is σ_k² √ᾱ (Σ π^w_i x_i − Σ π_i x_i)/(1−ᾱ), which
@@ -47,6 +54,7 @@ Writes outputs/digits_control_probes/<row>.json and prints the row.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -177,7 +185,16 @@ def reward_grad(p: Problem, x0: torch.Tensor, graph: bool) -> torch.Tensor:
     return input_grad(p.reward, x0, graph)
 
 
-PROBES = ("potential", "potential_masked", "field", "guidance", "guided")
+POTENTIALS = ("potential", "potential_masked", "field", "guidance", "guided")  # the shifts of `probe_shift`
+PROBES = (*POTENTIALS, "full", "lora")  # and the base network's own: all its weights, or the default's LoRA
+
+
+def policy_shift(p: Problem, policy):
+    """A denoiser's step as a mean shift of the base's, at the step's own state (a LoRA's, the full copy's)."""
+    def shift(k, mean_base, std, live):
+        return transition_mean(p.schedule, k, p.xk, policy(p.xk, p.schedule.timesteps[k])) - mean_base
+
+    return shift
 
 
 def probe_shift(probe: str, p: Problem, v: nn.Module, a: torch.Tensor):
@@ -205,7 +222,18 @@ def train_probe(probe: str, steps: int, lr: float, name: str, clamp: bool = True
     nn.init.zeros_(v.head.bias)
     a = nn.Parameter(torch.zeros(p.n))  # the guidance's per-step scale (guidance probes)
     p.shift = probe_shift(probe, p, v, a)
-    groups = [{"params": list(v.parameters()), "lr": lr}] if probe != "guidance" else []
+    if probe == "full":  # every weight of a copy of the base UNet, through ε̂ as a LoRA's correction goes
+        v = copy.deepcopy(p.fam.module).requires_grad_(True)
+        p.shift = policy_shift(p, p.fam.denoiser(v, p.fam.encode(None, 1)))
+    elif probe == "lora":  # the default's own adapter, trained in this loop: the yardstick on the same harness
+        from sb_finetune.control import add_lora_control, base_denoiser
+
+        cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"))
+        v = p.fam.module
+        add_lora_control(v, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
+        policy = p.fam.denoiser(v, p.fam.encode(None, 1))
+        p.base, p.shift = base_denoiser(policy, v), policy_shift(p, policy)
+    groups = [{"params": [w for w in v.parameters() if w.requires_grad], "lr": lr}] if probe != "guidance" else []
     if probe in ("guidance", "guided"):
         groups.append({"params": [a], "lr": 3e-2})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -224,14 +252,15 @@ def train_probe(probe: str, steps: int, lr: float, name: str, clamp: bool = True
         decay.step()
         if i % 20 == 0:
             print(f"step {i}: KL {float(kl.detach().sum(1).mean()):.2f} reward {float(r.detach().mean()):.3f} "
-                  f"({time.time() - t0:.0f} s) a {[round(float(w), 2) for w in a.detach()]}", flush=True)
+                  f"({time.time() - t0:.0f} s)" + (f" a {[round(float(w), 2) for w in a.detach()]}" if probe in ("guidance", "guided")
+                                                 else ""), flush=True)
     from safetensors.torch import save_file
 
     os.makedirs(OUT, exist_ok=True)  # the trained control, for `distil`
     save_file({**{f"v.{k}": w.detach().contiguous() for k, w in v.state_dict().items()}, "a": a.detach().clone()},
               os.path.join(OUT, f"{name}.safetensors"))
     return {"probe": probe, "steps": steps, "lr": lr, "clamp": clamp, "parameters": sum(w.numel() for g in groups for w in g["params"]),
-            "guidance_scale": [round(float(w), 4) for w in a],
+            "guidance_scale": [round(float(w), 4) for w in a.detach()],
             "train_seconds": time.time() - t0, **p.measure()}
 
 
@@ -250,8 +279,8 @@ def distil(source: str, rounds: int, updates: int, lr: float, full: bool = False
     torch.manual_seed(0)
     p = Problem()
     probe = source.split("_steps")[0]
-    if probe not in PROBES or source.endswith("_noclamp"):
-        raise ValueError(f"distil: no probe {source!r} to regress on (one trained on the clamped chain: {PROBES})")
+    if probe not in POTENTIALS or source.endswith("_noclamp"):
+        raise ValueError(f"distil: no probe {source!r} to regress on (one trained on the clamped chain: {POTENTIALS})")
     v = Potential(p.n, out=16 * 16 if probe == "field" else 1)
     state = load_file(os.path.join(OUT, f"{source}.safetensors"))
     v.load_state_dict({k[2:]: w for k, w in state.items() if k.startswith("v.")})
@@ -301,10 +330,7 @@ def distil(source: str, rounds: int, updates: int, lr: float, full: bool = False
         log.append(float(losses.sum()))
         print(f"round {r}: distillation KL (steps summed, running) {log[-1]:.3f} ({time.time() - t0:.0f} s)", flush=True)
 
-    def lora_shift(k, mean_base, std, live):
-        return transition_mean(p.schedule, k, p.xk, policy(p.xk, p.schedule.timesteps[k])) - mean_base
-
-    p.shift = lora_shift
+    p.shift = policy_shift(p, policy)
     return {"probe": f"distil_{source}", "full_rank": full, "rounds": rounds, "updates": updates, "lr": lr,
             "distil_kl": log, "source_kl_where_clamped": float(held) / (128 * rounds), "train_seconds": time.time() - t0, **p.measure()}
 
@@ -364,7 +390,7 @@ def main() -> None:
         row = kernel(args.pool, args.hold, args.bandwidth, args.decision)
         name = f"kernel_pool{args.pool}_b{args.bandwidth:g}_hold{args.hold}" + (f"_decision{args.decision:g}" if args.decision else "")
     else:
-        name = f"{args.probe}_steps{args.steps}" + ("_noclamp" if args.no_clamp else "")
+        name = f"{args.probe}_steps{args.steps}" + ("_noclamp" if args.no_clamp else "") + (f"_lr{args.lr:g}" if args.lr != 1e-3 else "")
         row = train_probe(args.probe, args.steps, args.lr, name, not args.no_clamp)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, f"{name}.json"), "w") as f:
