@@ -217,6 +217,7 @@ def probe_shift(probe: str, p: Problem, v: nn.Module, a: torch.Tensor):
 def train_probe(probe: str, steps: int, lr: float, name: str, clamp: bool = True) -> dict:
     torch.manual_seed(0)
     p = Problem(clamp)
+    # built for every probe, also those that replace it below: the lora row's A init draws after it, as measured
     v = Potential(p.n, out=16 * 16 if probe == "field" else 1)
     nn.init.zeros_(v.head.weight)
     nn.init.zeros_(v.head.bias)
