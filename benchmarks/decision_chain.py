@@ -3,6 +3,8 @@
     python benchmarks/decision_chain.py                 # the four rows below, ~8 minutes on 2 cores
     python benchmarks/decision_chain.py --iters 1200    # shorter training
     python benchmarks/decision_chain.py --rows 20 20b 50 --exact-only   # seconds: the continuum control only
+    python benchmarks/decision_chain.py --budget        # ~5 minutes: the 20-step chain trained on the digits default's budget
+    python benchmarks/decision_chain.py --nuisance      # ~10 minutes: the same decision with dimensions the reward ignores
 
 The digits default's reward in small: base `three_blobs()`, reward R(x) = log p(c | x), the mixture's own classifier
 for component c = 1 (base weight 0.2, as digit 0's 0.14), alpha = 1. The tilt p·exp(R) = w_c N(m_c, S_c) is that
@@ -29,7 +31,9 @@ import time
 import torch
 from diffusers import DDPMScheduler
 
-from sb_finetune.analytic import MLPControl, fit_control, three_blobs
+from sb_finetune.analytic import MLPControl, fit_control, three_blobs, with_nuisance
+from sb_finetune.estimators.adjoint import AdjointMatching
+from sb_finetune.estimators.pathwise import Pathwise
 from sb_finetune.rollout import rollout
 from sb_finetune.sde import balanced_timesteps, vp_schedule
 
@@ -44,27 +48,29 @@ def chain(n: int, timesteps: list[int] | None = None):
         GMM.component(C).vp_denoiser(sched.alphas_cumprod)
 
 
-def reward(x: torch.Tensor) -> torch.Tensor:
-    return GMM.log_responsibility(x, C).to(x.dtype)
+def reward(x: torch.Tensor, gmm=GMM) -> torch.Tensor:
+    return gmm.log_responsibility(x, C).to(x.dtype)
 
 
 @torch.no_grad()
-def measure(policy, base, schedule, n: int, seed: int) -> dict:
+def measure(policy, base, schedule, n: int, seed: int, gmm=GMM) -> dict:
     """Objective − the chain's optimum (path by path, ± se), its KL, the fraction of samples on component c."""
     g = torch.Generator().manual_seed(seed)
-    out = rollout(policy, base, schedule, torch.randn(n, 2, generator=g), window=0, generator=g)
-    per_path = ALPHA * out.log_ratio.sum(1).double() - reward(out.x).double()
+    out = rollout(policy, base, schedule, torch.randn(n, gmm.dim, generator=g), window=0, generator=g)
+    per_path = ALPHA * out.log_ratio.sum(1).double() - reward(out.x, gmm).double()
     return {"objective": float(per_path.mean()), "se": float(per_path.std()) / n**0.5, "kl": float(out.kl.sum(1).mean()),
-            "on_c": float(GMM.responsibilities(out.x)[:, C].mean()),
+            "on_c": float(gmm.responsibilities(out.x)[:, C].mean()),
             "kl_per_step": [round(float(v), 5) for v in out.kl.mean(0)]}
 
 
 @torch.no_grad()
-def chain_optimum(base, schedule, seed: int, n: int = 100_000) -> float:
-    """−alpha·log E[exp(R/alpha)] over the base chain's own samples (exp(R) = p(c|x) ≤ 1: plain Monte Carlo is tight)."""
+def chain_optimum(base, schedule, seed: int, n: int = 100_000, gmm=GMM, chunk: int | None = None) -> float:
+    """−alpha·log E[exp(R/alpha)] over the base chain's own samples (exp(R) = p(c|x) ≤ 1: plain Monte Carlo is tight);
+    `chunk`: that many paths at a time (a high-dimensional mixture's solves hold a d × d matrix per path)."""
     g = torch.Generator().manual_seed(seed)
-    out = rollout(base, base, schedule, torch.randn(n, 2, generator=g), window=0, generator=g, compute_kl=False)
-    return -ALPHA * (float(torch.logsumexp(reward(out.x).double() / ALPHA, 0)) - math.log(n))
+    rewards = [reward(rollout(base, base, schedule, torch.randn(m, gmm.dim, generator=g), window=0, generator=g,
+                              compute_kl=False).x, gmm).double() for m in [chunk or n] * (n // (chunk or n))]
+    return -ALPHA * (float(torch.logsumexp(torch.cat(rewards) / ALPHA, 0)) - math.log(n))
 
 
 def run(name: str, iters: int, exact_only: bool, trailing: dict | None, seed: int = 0) -> dict:
@@ -91,14 +97,91 @@ def run(name: str, iters: int, exact_only: bool, trailing: dict | None, seed: in
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="*", default=["10", "20", "20b", "50"], choices=list(ROWS))
-    parser.add_argument("--iters", type=int, default=2400)
-    parser.add_argument("--exact-only", action="store_true", help="no training: the continuum control on each chain")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args()
+# --budget: the digits default trains 180 optimizer steps of 32 paths (cosine decay); each row trains the 20-step
+# trailing chain's control with that many steps or more, at one rate, to the rate's hundredth by a cosine; then the
+# default's 5,760 paths cut into more or fewer steps, 16× its batch, and Adjoint Matching on its budget
+BUDGET = [("pathwise", steps, 32, lr) for steps in (180, 600, 2400) for lr in (3e-3, 1e-2, 3e-2)] + \
+    [("pathwise", steps, batch, 1e-2) for steps, batch in ((90, 64), (360, 16), (720, 8))] + \
+    [("pathwise", 180, 512, 3e-2), ("adjoint", 180, 32, 1e-2), ("adjoint", 180, 32, 3e-2)]
+
+
+def budget(seed: int = 0) -> list[dict]:
+    """Issue 13 (d) in closed form: how far optimizer steps, rate and batch take a Gaussian-step control on a class
+    decision, the digits default's budget first. The chain's floor (a control trained to convergence) is ≈ 0.28."""
+    schedule, base, _ = chain(20)
+    optimum = chain_optimum(base, schedule, seed + 2)
+    print(f"20 steps, trailing; objective − the chain's optimum ({optimum:.3f}) on 20,000 paths")
+    print(f"{'estimator':9s} {'steps':>5s} {'batch':>5s} {'lr':>6s} {'gap':>15s} {'KL':>6s} {'on c':>6s} {'sec':>5s}")
+    rows = []
+    for name, steps, batch, lr in BUDGET:
+        torch.manual_seed(seed)
+        control = MLPControl(base, hidden=64, time_features=4)
+        t0 = time.time()
+        fit_control(control, schedule, reward, ALPHA, iterations=steps, batch=batch, seed=seed, lr=lr, final_lr=lr / 100,
+                    estimator=AdjointMatching() if name == "adjoint" else None)
+        m = measure(control, base, schedule, 20_000, seed + 1)
+        row = {"estimator": name, "steps": steps, "batch": batch, "lr": lr, "gap": m["objective"] - optimum, "se": m["se"],
+               "kl": m["kl"], "on_c": m["on_c"], "seconds": round(time.time() - t0, 1)}
+        rows.append(row)
+        result = f"{row['gap']:7.3f} ± {m['se']:.3f} {m['kl']:6.3f} {m['on_c']:6.3f}" if math.isfinite(row["gap"]) \
+            else f"{'diverged':>15s} {'':6s} {'':6s}"  # the rate too high for this many steps: the control blew up
+        print(f"{name:9s} {steps:5d} {batch:5d} {lr:6.0e} {result} {row['seconds']:5.0f}", flush=True)
+    return rows
+
+
+# --nuisance: (dimensions, optimizer steps, the row's change); batch 32, lr 1e-2 to 1e-4 unless changed
+NUISANCE = [(d, steps, "") for d in (2, 16, 64) for steps in (180, 600)] + \
+    [(64, 600, change) for change in ("sees 2", "batch 128", "stl", "weight decay 0.1")]
+
+
+class SeesOnly(torch.nn.Module):
+    """A control network that sees the first `keep` of the state's `dim` coordinates (the rest zeroed), and time."""
+
+    def __init__(self, net: torch.nn.Module, keep: int, dim: int):
+        super().__init__()
+        self.net, self.keep, self.dim = net, keep, dim
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        hidden = torch.zeros_like(z[:, self.keep:self.dim])
+        return self.net(torch.cat([z[:, :self.keep], hidden, z[:, self.dim:]], 1))
+
+
+def nuisance(seeds: list[int]) -> list[dict]:
+    """Issue 13: why a control on 256 pixels trains slower than on 2 coordinates. The mixture's decision in d dimensions,
+    the d − 2 extra ones independent of the component (`with_nuisance`): the tilt's control, the reward and the chain's
+    optimum are the 2-D ones there, but the control network sees all d coordinates and must learn to ignore d − 2."""
+    print(f"20 steps, trailing; objective − the chain's optimum, mean (lowest–highest) over seeds {seeds}, "
+          f"2,000 paths a seed")
+    print(f"{'d':>3s} {'steps':>5s} {'change':16s} {'gap':>20s} {'KL':>6s} {'on c':>6s} {'sec':>5s}")
+    rows = []
+    for d, steps, change in NUISANCE:
+        gmm = with_nuisance(GMM, d)
+        sched = DDPMScheduler(clip_sample=False, timestep_spacing="trailing")
+        schedule, base = vp_schedule(sched, 20, 1.0), gmm.vp_denoiser(sched.alphas_cumprod)
+        optimum = chain_optimum(base, schedule, 2, n=20_000, gmm=gmm, chunk=2_000)
+        runs, t0 = [], time.time()
+        for seed in seeds:
+            torch.manual_seed(seed)
+            control = MLPControl(base, dim=d, hidden=64, time_features=4)
+            if change == "sees 2":
+                control.net = SeesOnly(control.net, 2, d)
+            fit_control(control, schedule, lambda x: reward(x, gmm), ALPHA, iterations=steps, seed=seed, dim=d,
+                        batch=128 if change == "batch 128" else 32, lr=1e-2, final_lr=1e-4,
+                        estimator=Pathwise(path_gradient="stl") if change == "stl" else None,
+                        weight_decay=0.1 if change == "weight decay 0.1" else 0.0)
+            runs.append(measure(control, base, schedule, 2_000, seed + 1, gmm))
+        gaps = [r["objective"] - optimum for r in runs]
+        row = {"d": d, "steps": steps, "change": change, "optimum": optimum, "gaps": gaps,
+               "kl": sum(r["kl"] for r in runs) / len(runs), "on_c": sum(r["on_c"] for r in runs) / len(runs),
+               "seconds": round(time.time() - t0, 1)}
+        rows.append(row)
+        print(f"{d:3d} {steps:5d} {change or '—':16s} {sum(gaps) / len(gaps):7.3f} ({min(gaps):.2f}–{max(gaps):.2f}) "
+              f"{row['kl']:6.3f} {row['on_c']:6.3f} {row['seconds']:5.0f}", flush=True)
+    return rows
+
+
+def chain_rows(args) -> list[dict]:
+    """The rows of `ROWS` asked for, printed as they finish."""
     print(f"class tilt: component {C} (base weight {float(GMM.weights[C]):.2f}), -log Z = "
           f"{-math.log(float(GMM.weights[C])):.3f}, alpha {ALPHA}, iters {args.iters}")
     print(f"{'row':4s} {'N':>3s} {'optimum (vs continuum)':>22s} {'exact: gap':>16s} {'KL':>6s} {'on c':>6s} "
@@ -115,6 +198,23 @@ def main() -> None:
         print(f"{name:4s} {row['N']:3d} {row['optimum']:12.3f} ({row['optimum_vs_continuum']:+.3f}) "
               f"{e['objective'] - row['optimum']:7.3f} ± {e['se']:.3f} {e['kl']:6.3f} {e['on_c']:6.3f} {trained}  "
               f"{row['grid'] if ROWS[name][1] else 'trailing'}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=["10", "20", "20b", "50"], choices=list(ROWS))
+    parser.add_argument("--iters", type=int, default=2400)
+    parser.add_argument("--exact-only", action="store_true", help="no training: the continuum control on each chain")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", action="store_true", help="the 20-step chain trained by steps, rate and batch "
+                        "(the digits default's 180 × 32 first), instead of the rows")
+    parser.add_argument("--nuisance", action="store_true", help="the 20-step chain's decision in 2, 16 and 64 "
+                        "dimensions, the extra ones ignored by the reward, over seeds --seed .. --seed + 2")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    rows = budget(args.seed) if args.budget else nuisance([args.seed + i for i in range(3)]) if args.nuisance \
+        else chain_rows(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

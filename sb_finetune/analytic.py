@@ -121,6 +121,18 @@ def three_blobs() -> GaussianMixture:
     )
 
 
+def with_nuisance(gmm: GaussianMixture, dim: int, var: float = 0.2) -> GaussianMixture:
+    """`gmm` in `dim` dimensions: the extra ones N(0, var) in every component, so no component's responsibility (nor
+    a reward made of them) depends on them, and the tilt's control is zero there. What a control gains or loses from
+    seeing state it should ignore (an image's pixels beside its class), in closed form."""
+    k, d = gmm.means.shape
+    means = gmm.means.new_zeros(k, dim)
+    means[:, :d] = gmm.means
+    covs = torch.eye(dim, dtype=gmm.covs.dtype).repeat(k, 1, 1) * var
+    covs[:, :d, :d] = gmm.covs
+    return GaussianMixture(gmm.weights, means, covs)
+
+
 def mixture_chain(process: str, num_steps: int, eta: float = 1.0, flow_method: FlowMethod = "posterior"
                   ) -> tuple[Schedule, Callable[[GaussianMixture], Denoiser]]:
     """The stock chain the tests and benchmarks run a mixture through, and a mixture's exact denoiser on it.
@@ -189,16 +201,19 @@ def fit_control(
     estimator=None,
     costs=None,
     updates: int = 1,
+    weight_decay: float = 0.0,
 ) -> list[float]:
     """Train `control` on the SOC objective with an estimator (default: pathwise with `window`); returns the
     objective per iteration. With `final_lr` the learning rate follows a cosine from `lr` down to `final_lr`;
     `costs` (a `sb_finetune.costs.Costs`) counts the model calls and reward queries; `updates` > 1 reuses each batch
-    of paths for that many optimizer steps (the estimators that allow it: adjoint, weighted, policy_gradient)."""
+    of paths for that many optimizer steps (the estimators that allow it: adjoint, weighted, policy_gradient);
+    `weight_decay` > 0: AdamW's decoupled decay (else Adam)."""
     from .estimators import Task
     from .estimators.pathwise import Pathwise
 
     estimator = estimator or Pathwise(window)
-    opt = torch.optim.Adam(control.net.parameters(), lr=lr)
+    opt = torch.optim.AdamW(control.net.parameters(), lr=lr, weight_decay=weight_decay) if weight_decay \
+        else torch.optim.Adam(control.net.parameters(), lr=lr)
     sched = None if final_lr is None else torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations * updates, eta_min=final_lr)
     g = torch.Generator().manual_seed(seed)
     policy, base, frozen = control, control.base, control.frozen

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from sb_finetune.analytic import mixture_chain, objective_gap, three_blobs
+from sb_finetune.analytic import mixture_chain, objective_gap, three_blobs, with_nuisance
 from sb_finetune.objective import soc_loss
 from sb_finetune.rollout import draw_window, rollout
 from sb_finetune.sde import FlowSchedule, VPSchedule, make_schedule, step_kl, transition_mean
@@ -606,3 +606,22 @@ def test_a_class_tilt_costs_a_coarse_chain_and_a_balanced_grid_wins_part_of_it_b
     trailing, se, kl, grid = gap(None)
     balanced, se_b, _, _ = gap(balanced_timesteps(kl, grid))
     assert trailing > 0.35 and balanced < trailing - 0.07 and max(se, se_b) < 0.015, (trailing, balanced)
+
+
+def test_nuisance_dimensions_leave_the_decision_and_its_control_to_the_first_two():
+    """`with_nuisance`: the mixture in 6 dimensions, the 4 extra ones alike in every component. Whatever they hold, the
+    responsibilities are the 2-D mixture's, and the class tilt's exact control (component c's denoiser less the base's)
+    is the 2-D one in the first two coordinates and zero in the rest: a control that moves them only pays KL."""
+    gmm, wide = three_blobs(), with_nuisance(three_blobs(), 6, var=0.3)
+    g = torch.Generator().manual_seed(0)
+    x = wide.sample(4000, g)
+    assert x[:, 2:].var(0).tolist() == pytest.approx([0.3] * 4, rel=0.1)
+    shuffled = torch.cat([x[:, :2], x[torch.randperm(4000, generator=g), 2:]], 1)  # other extra coordinates
+    assert torch.allclose(wide.responsibilities(shuffled), gmm.responsibilities(x[:, :2]), atol=1e-6)
+    sched = DDPMScheduler(clip_sample=False)
+    t = torch.tensor(500)
+    xt = torch.randn(256, 6, generator=g)
+    control = wide.component(1).vp_denoiser(sched.alphas_cumprod)(xt, t) - wide.vp_denoiser(sched.alphas_cumprod)(xt, t)
+    flat = gmm.component(1).vp_denoiser(sched.alphas_cumprod)(xt[:, :2], t) - gmm.vp_denoiser(sched.alphas_cumprod)(xt[:, :2], t)
+    assert control[:, 2:].abs().max() < 1e-5 and torch.allclose(control[:, :2], flat, atol=1e-5)
+    assert flat.abs().mean() > 0.1  # the decision's own control is not zero
