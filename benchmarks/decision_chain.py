@@ -4,7 +4,7 @@
     python benchmarks/decision_chain.py --iters 1200    # shorter training
     python benchmarks/decision_chain.py --rows 20 20b 50 --exact-only   # seconds: the continuum control only
     python benchmarks/decision_chain.py --budget        # ~5 minutes: the 20-step chain trained on the digits default's budget
-    python benchmarks/decision_chain.py --nuisance      # ~10 minutes: the same decision with dimensions the reward ignores
+    python benchmarks/decision_chain.py --nuisance      # ~11 minutes: the same decision with dimensions the reward ignores
 
 The digits default's reward in small: base `three_blobs()`, reward R(x) = log p(c | x), the mixture's own classifier
 for component c = 1 (base weight 0.2, as digit 0's 0.14), alpha = 1. The tilt p·exp(R) = w_c N(m_c, S_c) is that
@@ -68,9 +68,11 @@ def chain_optimum(base, schedule, seed: int, n: int = 100_000, gmm=GMM, chunk: i
     """−alpha·log E[exp(R/alpha)] over the base chain's own samples (exp(R) = p(c|x) ≤ 1: plain Monte Carlo is tight);
     `chunk`: that many paths at a time (a high-dimensional mixture's solves hold a d × d matrix per path)."""
     g = torch.Generator().manual_seed(seed)
-    rewards = [reward(rollout(base, base, schedule, torch.randn(m, gmm.dim, generator=g), window=0, generator=g,
-                              compute_kl=False).x, gmm).double() for m in [chunk or n] * (n // (chunk or n))]
-    return -ALPHA * (float(torch.logsumexp(torch.cat(rewards) / ALPHA, 0)) - math.log(n))
+    chunk = chunk or n
+    sizes = [chunk] * (n // chunk) + [n % chunk] * (n % chunk > 0)
+    rewards = torch.cat([reward(rollout(base, base, schedule, torch.randn(m, gmm.dim, generator=g), window=0, generator=g,
+                                        compute_kl=False).x, gmm).double() for m in sizes])
+    return -ALPHA * (float(torch.logsumexp(rewards / ALPHA, 0)) - math.log(len(rewards)))
 
 
 def run(name: str, iters: int, exact_only: bool, trailing: dict | None, seed: int = 0) -> dict:
@@ -163,8 +165,8 @@ def nuisance(seeds: list[int]) -> list[dict]:
         for seed in seeds:
             torch.manual_seed(seed)
             control = MLPControl(base, dim=d, hidden=64, time_features=4)
-            if change == "sees 2":
-                control.net = SeesOnly(control.net, 2, d)
+            if change == "sees 2":  # the coordinates that decide: the 2-D mixture's
+                control.net = SeesOnly(control.net, GMM.dim, d)
             fit_control(control, schedule, lambda x: reward(x, gmm), ALPHA, iterations=steps, seed=seed, dim=d,
                         batch=128 if change == "batch 128" else 32, lr=1e-2, final_lr=1e-4,
                         estimator=Pathwise(path_gradient="stl") if change == "stl" else None,
