@@ -42,10 +42,10 @@ GMM = three_blobs()
 ROWS = {"10": (10, False), "20": (20, False), "20b": (20, True), "50": (50, False)}  # name: (N, balanced grid)
 
 
-def chain(n: int, timesteps: list[int] | None = None):
+def chain(n: int, timesteps: list[int] | None = None, gmm=GMM):
     sched = DDPMScheduler(clip_sample=False, timestep_spacing="trailing")
-    return vp_schedule(sched, n, 1.0, timesteps), GMM.vp_denoiser(sched.alphas_cumprod), \
-        GMM.component(C).vp_denoiser(sched.alphas_cumprod)
+    return vp_schedule(sched, n, 1.0, timesteps), gmm.vp_denoiser(sched.alphas_cumprod), \
+        gmm.component(C).vp_denoiser(sched.alphas_cumprod)
 
 
 def reward(x: torch.Tensor, gmm=GMM) -> torch.Tensor:
@@ -158,8 +158,7 @@ def nuisance(seeds: list[int]) -> list[dict]:
     rows = []
     for d, steps, change in NUISANCE:
         gmm = with_nuisance(GMM, d)
-        sched = DDPMScheduler(clip_sample=False, timestep_spacing="trailing")
-        schedule, base = vp_schedule(sched, 20, 1.0), gmm.vp_denoiser(sched.alphas_cumprod)
+        schedule, base, _ = chain(20, gmm=gmm)
         optimum = chain_optimum(base, schedule, 2, n=20_000, gmm=gmm, chunk=2_000)
         runs, t0 = [], time.time()
         for seed in seeds:
