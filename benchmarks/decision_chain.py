@@ -144,8 +144,8 @@ class SeesOnly(torch.nn.Module):
         self.net, self.keep, self.dim = net, keep, dim
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        hidden = torch.zeros_like(z[:, self.keep:self.dim])
-        return self.net(torch.cat([z[:, :self.keep], hidden, z[:, self.dim:]], 1))
+        blank = torch.zeros_like(z[:, self.keep:self.dim])  # the coordinates it must not see
+        return self.net(torch.cat([z[:, :self.keep], blank, z[:, self.dim:]], 1))
 
 
 def nuisance(seeds: list[int]) -> list[dict]:
