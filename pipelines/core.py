@@ -7,6 +7,7 @@ prompts, runs the rollout under `no_grad`, and post-processes the images as diff
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,10 @@ def _load_base(cls, base, kwargs: dict):
         from sb_finetune.data import load_pipeline
 
         return _from_components(cls, load_pipeline(ModelConfig(pretrained=str(base))).components)
+    from sb_finetune.hub import hub_offline
+
+    if not os.path.isdir(str(base)) and hub_offline():
+        kwargs.setdefault("local_files_only", True)  # the cache or nothing: no retries against an unreachable hub
     try:
         pipe = cls.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as err:

@@ -6,6 +6,8 @@ built offline (same vocabulary as the hub processor), the image preprocessing is
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -42,16 +44,17 @@ class PickScore(Reward):
         super().__init__()
         from transformers import CLIPConfig, CLIPModel
 
+        from sb_finetune.hub import download_hint, hub_offline
         from sb_finetune.tokenizer import clip_tokenizer
 
         if pretrained:
             try:
-                clip = CLIPModel.from_pretrained(model)
+                clip = CLIPModel.from_pretrained(model, local_files_only=not os.path.isdir(model) and hub_offline())
             except OSError as err:
                 raise FileNotFoundError(
                     f"reward 'pickscore': cannot load '{model}' (not a local CLIPModel folder, and the Hugging Face Hub "
                     f"is unreachable or it is not cached); download it on a machine with network "
-                    f"(`huggingface-cli download {model} --local-dir weights/PickScore_v1`) and pass "
+                    f"({download_hint(model, local_dir='weights/PickScore_v1')}) and pass "
                     f"model=weights/PickScore_v1 in the reward kwargs ({str(err).splitlines()[0][:120]})") from None
         else:  # the real architecture (default CLIPConfig = PickScore's ViT-H/14) with seeded random weights
             cfg = config if isinstance(config, CLIPConfig) else (CLIPConfig(**config) if config else pickscore_config())

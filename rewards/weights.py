@@ -19,16 +19,18 @@ def resolve_file(reward: str, path: str | None, repo: str, filenames: str | tupl
         return path
     from huggingface_hub import hf_hub_download
 
+    from sb_finetune.hub import download_hint, hub_offline
+
     names = (filenames,) if isinstance(filenames, str) else filenames
     for name in names:
         try:
-            return hf_hub_download(repo, name)
+            return hf_hub_download(repo, name, local_files_only=hub_offline())
         except Exception:  # offline, not cached, no such file, gated: all end in the same advice
             continue
     name = names[0]
     raise FileNotFoundError(
         f"reward '{reward}': cannot get '{name}' from the Hugging Face Hub repo '{repo}' (offline and not cached?); "
-        f"download it on a machine with network (`huggingface-cli download {repo} {name} --local-dir weights`) "
+        f"download it on a machine with network ({download_hint(repo, name, local_dir='weights')}) "
         f"and pass {kwarg}=weights/{name} in the reward kwargs"
     )
 

@@ -31,7 +31,11 @@ def load_pipeline(cfg: ModelConfig):
     else:
         from diffusers import DiffusionPipeline
 
+        from .hub import hub_offline
+
         kwargs = dict(torch_dtype=DTYPES[cfg.dtype], revision=cfg.revision, variant=cfg.variant)
+        if not os.path.isdir(cfg.pretrained) and hub_offline():
+            kwargs["local_files_only"] = True  # the cache or nothing: no retries against an unreachable hub
         try:
             pipe = DiffusionPipeline.from_pretrained(cfg.pretrained, **{k: v for k, v in kwargs.items() if v is not None})
         except (OSError, ValueError) as err:
@@ -45,9 +49,12 @@ def load_pipeline(cfg: ModelConfig):
 def missing_model_message(name: str, err: Exception) -> str:
     if os.path.isdir(name):
         return f"'{name}' is not a diffusers pipeline folder (no model_index.json or weights): {str(err).splitlines()[0]}"
+    from .hub import download_hint
+
+    folder = f"models/{name.split('/')[-1]}"
     return (f"cannot load '{name}': it is neither a local folder nor reachable on the Hugging Face Hub. "
-            f"Download it on a machine with network (`huggingface-cli download {name} --local-dir models/{name.split('/')[-1]}`) "
-            f"and set model.pretrained=models/{name.split('/')[-1]}")
+            f"Download it on a machine with network ({download_hint(name, local_dir=folder)}) "
+            f"and set model.pretrained={folder}")
 
 
 def load_prompts(cfg: PromptsConfig) -> list[str]:

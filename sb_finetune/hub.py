@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
+from urllib.parse import urlparse
+from urllib.request import getproxies, proxy_bypass
 
 from .control import ADAPTER_FILE, META_FILE
 
 CARD_FILE = "README.md"
+
+
+@functools.lru_cache(maxsize=1)
+def hub_offline() -> bool:
+    """True when the Hugging Face Hub cannot be reached: `HF_HUB_OFFLINE` is set, or its endpoint (`HF_ENDPOINT`; the
+    proxy configured for it, if any) does not take a TCP connection within 3 s. Checked once a process; hub loads then
+    read the local cache only (`local_files_only`), so a file that is not there fails at once, with one sentence,
+    instead of after huggingface_hub's five retries and their log lines."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    url = urlparse(constants.ENDPOINT)
+    proxy = getproxies().get(url.scheme)
+    if proxy and not proxy_bypass(url.hostname or ""):  # behind a proxy, the proxy is what must answer
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        return True
+    return False
+
+
+def download_hint(repo: str, *files: str, local_dir: str) -> str:
+    """The command that downloads `repo` (or some of its files) into `local_dir`, in backticks (huggingface_hub's CLI)."""
+    return f"`hf download {' '.join((repo, *files))} --local-dir {local_dir}`"
 
 
 def resolve_adapter_folder(path_or_hub_id: str) -> str:
@@ -19,11 +49,11 @@ def resolve_adapter_folder(path_or_hub_id: str) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(path_or_hub_id)
+        return snapshot_download(path_or_hub_id, local_files_only=hub_offline())
     except Exception as err:  # offline, not cached, no such repo, gated
         raise FileNotFoundError(
             f"cannot get the adapter '{path_or_hub_id}' from the Hugging Face Hub ({type(err).__name__}); download it on a "
-            f"machine with network (`huggingface-cli download {path_or_hub_id} --local-dir adapters/{path_or_hub_id.split('/')[-1]}`) "
+            f"machine with network ({download_hint(path_or_hub_id, local_dir='adapters/' + path_or_hub_id.split('/')[-1])}) "
             f"and load that folder") from None
 
 
@@ -99,5 +129,5 @@ def push_to_hub(folder: str, repo_id: str, token: str | None = None, private: bo
     except Exception as err:
         raise RuntimeError(f"cannot push '{folder}' to the Hugging Face Hub repo '{repo_id}' ({type(err).__name__}: "
                            f"{str(err).splitlines()[0][:160]}); the folder is unchanged, push it later with "
-                           f"`huggingface-cli upload {repo_id} {folder}`") from None
+                           f"`hf upload {repo_id} {folder}`") from None
     return str(url)

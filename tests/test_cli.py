@@ -74,6 +74,17 @@ def test_the_resolved_config_names_every_source_and_reads_back(tmp_path):
     assert load_config(str(tmp_path / "printed.yaml")) == resolved.config
 
 
+def test_overrides_may_follow_config_and_resume(capsys):
+    """`… --resume latest optim.steps=400`: overrides after an option are overrides too, not 'unrecognized arguments'."""
+    from sb_finetune.train import main
+
+    assert main(["optim.steps=3", "--config", "smoke", "optim.lr=0.5", "--resume", "latest", "output.dir=o",
+                 "--print-config"]) == 0
+    shown = {ln.split(":")[0].strip(): ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")}
+    for key, value in (("steps", "3"), ("lr", "0.5"), ("dir", "o")):
+        assert shown[key].split("#")[0].split(":", 1)[1].strip() == value and shown[key].endswith(f"# {COMMAND_LINE}")
+
+
 def test_the_installed_command_prints_the_config_and_trains_from_another_folder(tmp_path):
     script = shutil.which("sb-finetune", path=os.path.dirname(sys.executable))
     assert script, "pip install -e . installs the sb-finetune command"

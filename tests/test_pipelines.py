@@ -199,7 +199,7 @@ def test_loading_errors_name_the_problem(tmp_path):
     # an adapter of the right family but another model's shapes
     with pytest.raises(ValueError, match="does not fit this SBStableDiffusionPipeline"):
         SBStableDiffusionPipeline.from_finetuned(_make_adapter(tmp_path, "sd"), base=_bigger_sd())
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download someone/no-such-adapter"):
+    with pytest.raises(FileNotFoundError, match="hf download someone/no-such-adapter"):
         SBStableDiffusionPipeline.from_finetuned("someone/no-such-adapter")
 
 
@@ -219,7 +219,7 @@ def test_push_to_hub_uploads_the_folder_and_fails_clearly_offline(tmp_path, monk
     from sb_finetune.hub import push_to_hub
 
     folder = _make_adapter(tmp_path, "sd")
-    with pytest.raises(RuntimeError, match="cannot push .* to the Hugging Face Hub repo 'me/my-adapter'.*huggingface-cli upload"):
+    with pytest.raises(RuntimeError, match="cannot push .* to the Hugging Face Hub repo 'me/my-adapter'.*hf upload"):
         push_to_hub(folder, "me/my-adapter")  # HF_HUB_OFFLINE=1 in tests
     calls = {}
 

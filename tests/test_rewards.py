@@ -192,7 +192,7 @@ def test_offline_and_not_cached_gives_one_sentence_naming_the_file(name, file, t
     with pytest.raises(FileNotFoundError) as err:
         load_reward(name)
     message = str(err.value)
-    assert file in message and "huggingface-cli download" in message and "\n" not in message
+    assert file in message and "hf download" in message and "\n" not in message
 
 
 # ----------------------------------------------------------------------------- plugging in

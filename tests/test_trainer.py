@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -337,7 +338,20 @@ def test_gpu_configs_are_valid_and_say_what_to_download_when_offline(name, tmp_p
     assert Path(ROOT / cfg.prompts.file).is_file()
     r = _run_train("--config", f"configs/{name}.yaml", f"output.dir={tmp_path}")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-800:]
-    assert "huggingface-cli download" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-800:]
+    assert "hf download" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-800:]
+
+
+@pytest.mark.parametrize("args", [("--config", "configs/sd15_aesthetic.yaml"),
+                                  ("--config", "configs/smoke.yaml", "reward.name=aesthetic")])
+def test_an_unreachable_hub_fails_at_once_with_one_sentence_not_retries(args, tmp_path):
+    """Not told it is offline (no HF_HUB_OFFLINE), with the hub's endpoint refusing connections: the model or the reward's
+    weights are looked up in the cache only, and the run stops with the one sentence, without huggingface_hub's retries."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # port 9: refused; an empty cache
+    r = subprocess.run([sys.executable, "train.py", *args, f"output.dir={tmp_path / 'out'}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Retry" not in r.stderr, r.stderr[-1500:]
+    assert "hf download" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-1500:]
 
 
 def test_checkpointing_turns_itself_on_for_large_latents():
