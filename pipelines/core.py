@@ -92,7 +92,7 @@ def _load_base(cls, base, kwargs: dict):
     from sb_finetune.hub import hub_offline
 
     if not os.path.isdir(str(base)) and hub_offline():
-        kwargs.setdefault("local_files_only", True)  # the cache or nothing: no retries against an unreachable hub
+        kwargs = {"local_files_only": True, **kwargs}  # the cache or nothing: no retries against an unreachable hub
     try:
         pipe = cls.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as err:
