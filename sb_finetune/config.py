@@ -59,6 +59,8 @@ class ObjectiveConfig:
     min_ess: float = 0.5  # weighted: tempering keeps each group's effective sample size >= min_ess · G (0 = off)
     window_min: int = 1  # gradient window K ~ uniform[window_min, window_max] controlled steps
     window_max: Optional[int] = None  # None = all steps (unbiased); window_min == window_max = fixed K
+    unbiased_window: bool = False  # scale each window step's parameter gradient by 1/P(inside the window): the full chain's
+    #                                gradient in expectation, where the plain window weighs step j by that chance
     kl_grad: str = "window"  # window | all: also the KL terms before the window (local backward)
     path_gradient: str = "kl"  # pathwise: kl | stl (sticking the landing: per-path gradient 0 at the optimum; +1 call a step)
     kl_log_steps: Optional[int] = 2  # kl_grad=window: steps before the window whose KL is logged (stratified, unbiased); None = all
@@ -385,9 +387,14 @@ def _validate(cfg: Config) -> None:
     if o.estimator == "base_pool" and not 0 <= o.pool_hold < cfg.sampler.steps:
         raise ConfigError(f"config key 'objective.pool_hold': 0 to sampler.steps - 1 = {cfg.sampler.steps - 1} steps held "
                           f"to the base, got {o.pool_hold}")
+    if o.unbiased_window and o.kl_grad == "all":
+        raise ConfigError("config keys 'objective.unbiased_window' and 'objective.kl_grad=all': the first reweights the "
+                          "window's whole gradient, the second gives the steps before the window their KL's gradient "
+                          "already; set one of them")
     if o.kl_log_steps is not None and o.kl_log_steps < 1:
         raise ConfigError(f"config key 'objective.kl_log_steps': must be >= 1 (or null for every step), got {o.kl_log_steps}")
-    ignored = [k for k in ("window_min", "window_max", "kl_grad", "kl_log_steps", "path_gradient") if getattr(o, k) != getattr(ObjectiveConfig(), k)]
+    ignored = [k for k in ("window_min", "window_max", "unbiased_window", "kl_grad", "kl_log_steps", "path_gradient")
+               if getattr(o, k) != getattr(ObjectiveConfig(), k)]
     if o.estimator != "pathwise" and ignored:
         raise ConfigError(f"config keys {', '.join(f'objective.{k}' for k in ignored)}: only for the pathwise estimator; "
                           f"objective.estimator={o.estimator} draws its own steps across the chain")

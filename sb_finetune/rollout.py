@@ -51,14 +51,54 @@ def draw_window(spec: WindowSpec, num_steps: int, generator: torch.Generator | N
 
     N is the number of controlled steps; a K_max above it is clipped to it (so "the full chain" can be
     said as a large number)."""
-    lo, hi = (1, num_steps) if spec is None else (spec, spec) if isinstance(spec, int) else spec
-    lo, hi = min(lo, num_steps), min(hi, num_steps)
+    lo, hi = _window_range(spec, num_steps)
     if not 0 <= lo <= hi:
         raise ValueError(f"gradient window {spec!r} must lie in [0, {num_steps}] with K_min <= K_max")
     if lo == hi:
         return lo
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(lo, hi + 1, (1,), generator=generator, device=device))
+
+
+def _window_range(spec: WindowSpec, num_steps: int) -> tuple[int, int]:
+    """(K_min, K_max) of a window spec, K_max clipped to the chain's `num_steps` controlled steps."""
+    lo, hi = (1, num_steps) if spec is None else (spec, spec) if isinstance(spec, int) else spec
+    return min(lo, num_steps), min(hi, num_steps)
+
+
+def window_inclusion(spec: WindowSpec, num_steps: int) -> list[float]:
+    """p_m = P(the m-th controlled step from the end lies inside the window), m = 1 … N, for K drawn as `draw_window`
+    draws it: P(K >= m) = (K_max − max(m, K_min) + 1) / (K_max − K_min + 1), 0 past K_max (DESIGN.md, "Random window")."""
+    lo, hi = _window_range(spec, num_steps)
+    return [(hi - max(m, lo) + 1) / (hi - lo + 1) if m <= hi else 0.0 for m in range(1, num_steps + 1)]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the incoming gradient by `c`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, c: float) -> Tensor:
+        ctx.c = c
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.c, None
+
+
+def _scale_grad(x: Tensor, c: float) -> Tensor:
+    return _ScaleGrad.apply(x, c) if c != 1.0 and x.requires_grad else x
+
+
+def _reweighted(window_step: Callable, c: float) -> Callable:
+    """`window_step` whose parameter gradient is c times its own while the gradient it passes back to x_k is unchanged:
+    the outputs' incoming gradients are scaled by c, and what leaves through the input by 1/c."""
+
+    def call(schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True):
+        x_next, kl, log_ratio, mean, term = window_step(schedule, k, _scale_grad(x, 1.0 / c), z, compute_kl=compute_kl)
+        return _scale_grad(x_next, c), _scale_grad(kl, c), log_ratio, mean, _scale_grad(term, c)
+
+    return call
 
 
 def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True,
@@ -129,6 +169,7 @@ def rollout(
     kl_sample: int | None = None,
     both: PairedDenoiser | None = None,
     frozen: Denoiser | None = None,
+    inclusion: list[float] | None = None,
 ) -> Rollout:
     """Run the N-step controlled chain from the start noise `x`.
 
@@ -158,9 +199,16 @@ def rollout(
         is `base`.
     frozen: the policy with its weights held fixed (`control.frozen_denoiser`): the window's steps then also return
         `path_term` (one more model call each) in `Rollout.path_terms`, the loss's KL part for sticking the landing.
+    inclusion: p_m, the chance of the m-th controlled step from the end to lie inside the window (m = 1 … N:
+        `window_inclusion` of the spec K was drawn from). Each window step's parameter gradient is then scaled by 1/p_m
+        and the gradient it passes back along the states left as it is: the full-chain gradient in expectation over
+        K, at the random window's cost (DESIGN.md, "Random window"). Not with `kl_backward`, whose steps before the
+        window already give their KL's direct gradient.
     """
     n = schedule.num_steps
     controlled = [k for k in range(n) if bool(schedule.controlled[k])]
+    if inclusion is not None and kl_backward is not None:
+        raise ValueError("inclusion scales the window's whole gradient, kl_backward the KL before it: not both")
     k_window = draw_window(window, len(controlled), generator)
     start = controlled[-k_window] if k_window > 0 else n
     if kl_sample is not None and kl_sample < 1:
@@ -187,7 +235,10 @@ def rollout(
     for k in range(n):
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         if k >= start:
-            x, kl, log_ratio, mean, term = window_step(schedule, k, x, z, compute_kl=compute_kl)
+            step_fn = window_step
+            if inclusion is not None and bool(schedule.controlled[k]):  # the m-th controlled step from the end
+                step_fn = _reweighted(window_step, 1.0 / inclusion[len(controlled) - controlled.index(k) - 1])
+            x, kl, log_ratio, mean, term = step_fn(schedule, k, x, z, compute_kl=compute_kl)
             terms.append(term)
         else:  # x is detached: a graph, if any, reaches the policy's parameters only (x held fixed)
             keep_local = local() if local is not None and kl_backward is not None and k_window > 0 else nullcontext()

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 
 from sb_finetune.analytic import mixture_chain, objective_gap, three_blobs, with_nuisance
 from sb_finetune.objective import soc_loss
-from sb_finetune.rollout import draw_window, rollout
+from sb_finetune.rollout import draw_window, rollout, window_inclusion
 from sb_finetune.sde import FlowSchedule, VPSchedule, make_schedule, step_kl, transition_mean
 
 
@@ -333,6 +333,52 @@ def test_window_draws_cover_the_range():
     assert draw_window((5, 1000), 10, g) in range(5, 11)  # K_max past the chain means the full chain
     with pytest.raises(ValueError, match="window"):
         draw_window((6, 5), 10)
+
+
+def test_window_inclusion_is_the_chance_of_each_step_to_lie_inside_the_window():
+    g = torch.Generator().manual_seed(0)
+    for spec in (None, (3, 7), 4, (2, 1000)):
+        p = window_inclusion(spec, 9)
+        draws = [draw_window(spec, 9, g) for _ in range(4000)]
+        seen = [sum(k >= m for k in draws) / len(draws) for m in range(1, 10)]  # m-th controlled step from the end
+        assert max(abs(a - b) for a, b in zip(p, seen)) < 0.03, (spec, p, seen)
+    assert window_inclusion(None, 4) == [1.0, 0.75, 0.5, 0.25]
+    assert window_inclusion((2, 3), 4) == [1.0, 1.0, 0.5, 0.0]  # past K_max: never inside, no reweighting reaches it
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("spec", [None, (4, 11)])
+def test_unbiased_window_averages_to_the_full_chain_gradient_and_leaves_the_state_gradient_alone(spec, checkpoint):
+    """Over the window's draws K, the reweighted gradient (step j scaled by 1/p_j) is exactly the full chain's, where
+    the plain window's is Σ_j p_j g_j; each draw scales step j's own gradient by 1/p_j and nothing else."""
+    s = _vp_setup()
+    n = int(s.controlled.sum())
+    x0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+
+    def grads(k_window, inclusion):
+        control = PerStepControl(s, 2)
+        x = x0.clone().requires_grad_(True)
+        out = rollout(control, toy_denoiser, s, x, window=k_window, generator=torch.Generator().manual_seed(1),
+                      checkpoint=checkpoint, inclusion=inclusion)
+        soc_loss(out.x.pow(2).sum(1), out.kl, alpha=0.7).loss.backward()
+        return control.u.grad, x.grad
+
+    p = window_inclusion(spec, n)
+    lo, hi = (1, n) if spec is None else spec
+    full, _ = grads(n, None)
+    plain = [grads(k, None) for k in range(lo, hi + 1)]
+    weighted = [grads(k, p) for k in range(lo, hi + 1)]
+    mean = sum(u for u, _ in weighted) / len(weighted)
+    torch.testing.assert_close(mean, full, atol=1e-6, rtol=1e-5)
+    plain_mean = sum(u for u, _ in plain) / len(plain)
+    assert (plain_mean - full).abs().max() > 0.1 * full.abs().max()  # the plain window is not the full gradient
+    by_end = torch.tensor(p[::-1] + [1.0]).unsqueeze(1)  # p of each step in chain order; the last step is uncontrolled
+    for (u, xg), (u_w, xg_w) in zip(plain, weighted):
+        torch.testing.assert_close(u_w, u / by_end, atol=1e-6, rtol=1e-5)
+        assert (xg is None) == (xg_w is None)  # x_0 has a gradient when the window spans the chain (K = n)
+        if xg is not None:
+            torch.testing.assert_close(xg_w, xg, atol=1e-6, rtol=1e-5)  # what flows back along the states is unchanged
+    assert weighted[-1][1] is not None
 
 
 # ----------------------------------------------------------------------------- 4. the tilted target

@@ -308,6 +308,11 @@ def test_make_estimator_reads_the_config():
         load_config(None, ["objective.path_gradient=score"])
     with pytest.raises(ConfigError, match="objective.path_gradient: only for the pathwise estimator"):
         load_config(None, ["objective.estimator=weighted", "objective.path_gradient=stl"])
+    assert make_estimator(load_config(None, ["objective.unbiased_window=true"]).objective).unbiased_window
+    with pytest.raises(ConfigError, match="objective.unbiased_window: only for the pathwise estimator"):
+        load_config(None, ["objective.estimator=adjoint", "objective.unbiased_window=true"])
+    with pytest.raises(ConfigError, match="'objective.unbiased_window' and 'objective.kl_grad=all'"):
+        load_config(None, ["objective.unbiased_window=true", "objective.kl_grad=all"])
 
 
 @pytest.mark.parametrize("family, method", [("vp", "posterior"), ("flow", "posterior")])

@@ -149,7 +149,7 @@ def make_estimator(objective) -> Estimator:
         from .pathwise import Pathwise
 
         return Pathwise((objective.window_min, objective.window_max or 10**9), bool(objective.checkpointing), objective.kl_grad,
-                        objective.kl_log_steps, objective.path_gradient)
+                        objective.kl_log_steps, objective.path_gradient, objective.unbiased_window)
     if objective.estimator == "adjoint":
         from .adjoint import AdjointMatching
 

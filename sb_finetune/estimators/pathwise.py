@@ -5,7 +5,10 @@ does the same work. Inside the window the gradient flows through the states into
 prediction; steps before it run without a graph (with `kl_grad="all"` their KL terms get a local backward each; with
 "window" their KL serves only the log, so the base scores `kl_log_steps` of them, stratified and reweighted: an unbiased
 estimate of the path KL and objective, and `kl_steps` in the log says how many steps it rests on).
-E[grad] = Σ_j p_j g_j with p_j = P(step j inside the window): j/n for K ~ U[1, n] (DESIGN.md, "Random window").
+E[grad] = Σ_j p_j g_j with p_j = P(step j inside the window): j/n for K ~ U[1, n] (DESIGN.md, "Random window"), so
+the early steps weigh less than in the full chain's gradient. `unbiased_window` scales each window step's parameter
+gradient by 1/p_j (`rollout.window_inclusion`; the gradient passed back along the states unchanged): E[grad] = Σ_j g_j,
+the full chain's, at the random window's cost, with more variance from the rarely drawn early steps.
 
 path_gradient: what the window's KL part differentiates. "kl": Σ_k KL_k (the Gaussian KL of each step, through the
 states and the predictions). "stl" (sticking the landing, Roeder et al. 2017): Σ_k log q_θ̄(x_{k+1}|x_k) − log
@@ -18,7 +21,7 @@ mid-run, level with it where training stalls; README, "Why the digits default ov
 from __future__ import annotations
 
 from ..objective import soc_loss
-from ..rollout import WindowSpec, draw_window, rollout
+from ..rollout import WindowSpec, draw_window, rollout, window_inclusion
 from . import Estimate, Task
 
 
@@ -29,11 +32,14 @@ class Pathwise:
     name = "pathwise"
 
     def __init__(self, window: WindowSpec = None, checkpoint: bool = False, kl_grad: str = "window",
-                 kl_log_steps: int | None = None, path_gradient: str = "kl"):
+                 kl_log_steps: int | None = None, path_gradient: str = "kl", unbiased_window: bool = False):
         if path_gradient not in PATH_GRADIENTS:
             raise ValueError(f"objective.path_gradient {path_gradient!r}: one of {PATH_GRADIENTS}")
         self.window, self.checkpoint, self.kl_grad, self.kl_log_steps = window, checkpoint, kl_grad, kl_log_steps
-        self.path_gradient = path_gradient
+        if unbiased_window and kl_grad == "all":
+            raise ValueError("objective.unbiased_window reweights the window's whole gradient; objective.kl_grad=all "
+                             "gives the steps before it their KL's gradient already: use one of them")
+        self.path_gradient, self.unbiased_window = path_gradient, unbiased_window
 
     def __call__(self, task: Task) -> Estimate:
         k_window = draw_window(self.window, len(task.controlled), task.shared)
@@ -48,7 +54,8 @@ class Pathwise:
             kl_backward = lambda kl: task.backward(task.alpha * kl.mean())  # noqa: E731
         out = rollout(task.policy, task.base, task.schedule, task.x0, window=k_window, generator=task.generator,
                       checkpoint=self.checkpoint, kl_backward=kl_backward, local=task.local, kl_sample=self.kl_log_steps,
-                      both=task.both, frozen=frozen)
+                      both=task.both, frozen=frozen,
+                      inclusion=window_inclusion(self.window, len(task.controlled)) if self.unbiased_window else None)
         r = task.reward(out.x)
         parts = soc_loss(r, out.kl if frozen is None else out.path_terms, task.alpha, out.window)
 
