@@ -161,25 +161,37 @@ def nuisance(seeds: list[int]) -> list[dict]:
         gmm = with_nuisance(GMM, d)
         schedule, base, _ = chain(20, gmm=gmm)
         optimum = chain_optimum(base, schedule, 2, n=20_000, gmm=gmm, chunk=2_000)
-        runs, t0 = [], time.time()
-        for seed in seeds:
-            torch.manual_seed(seed)
-            control = MLPControl(base, dim=d, hidden=64, time_features=4)
-            if change == "sees 2":  # the coordinates that decide: the 2-D mixture's
-                control.net = SeesOnly(control.net, GMM.dim, d)
-            fit_control(control, schedule, lambda x: reward(x, gmm), ALPHA, iterations=steps, seed=seed, dim=d,
-                        batch=128 if change == "batch 128" else 32, lr=1e-2, final_lr=1e-4,
-                        estimator=Pathwise(path_gradient="stl") if change == "stl" else None,
-                        weight_decay=0.1 if change == "weight decay 0.1" else 0.0)
-            runs.append(measure(control, base, schedule, 2_000, seed + 1, gmm))
-        gaps = [r["objective"] - optimum for r in runs]
-        row = {"d": d, "steps": steps, "change": change, "optimum": optimum, "gaps": gaps,
-               "kl": sum(r["kl"] for r in runs) / len(runs), "on_c": sum(r["on_c"] for r in runs) / len(runs),
-               "seconds": round(time.time() - t0, 1)}
+        row = {"d": d, "steps": steps, "change": change, "optimum": optimum, **over_seeds(
+            seeds, gmm, schedule, base, optimum, steps, sees=GMM.dim if change == "sees 2" else None,
+            batch=128 if change == "batch 128" else 32, lr=1e-2, estimator=Pathwise(path_gradient="stl") if change == "stl"
+            else None, weight_decay=0.1 if change == "weight decay 0.1" else 0.0)}
         rows.append(row)
-        print(f"{d:3d} {steps:5d} {change or '—':16s} {sum(gaps) / len(gaps):7.3f} ({min(gaps):.2f}–{max(gaps):.2f}) "
-              f"{row['kl']:6.3f} {row['on_c']:6.3f} {row['seconds']:5.0f}", flush=True)
+        print(f"{d:3d} {steps:5d} {change or '—':16s} {spread(row)}", flush=True)
     return rows
+
+
+def over_seeds(seeds: list[int], gmm, schedule, base, optimum: float, steps: int, sees: int | None = None, batch: int = 32,
+               lr: float = 1e-2, **fit) -> dict:
+    """A control trained from each seed (`fit_control`, cosine to lr / 100; `sees`: the network sees only that many
+    of the coordinates), measured on 2,000 paths: the gaps to `optimum`, the mean KL and share on c, the seconds."""
+    runs, t0 = [], time.time()
+    for seed in seeds:
+        torch.manual_seed(seed)
+        control = MLPControl(base, dim=gmm.dim, hidden=64, time_features=4)
+        if sees is not None:  # the coordinates that decide: the 2-D mixture's
+            control.net = SeesOnly(control.net, sees, gmm.dim)
+        fit_control(control, schedule, lambda x: reward(x, gmm), ALPHA, iterations=steps, seed=seed, dim=gmm.dim,
+                    batch=batch, lr=lr, final_lr=lr / 100, **fit)
+        runs.append(measure(control, base, schedule, 2_000, seed + 1, gmm))
+    return {"gaps": [r["objective"] - optimum for r in runs], "kl": sum(r["kl"] for r in runs) / len(runs),
+            "on_c": sum(r["on_c"] for r in runs) / len(runs), "seconds": round(time.time() - t0, 1)}
+
+
+def spread(row: dict) -> str:
+    """The mean gap over the seeds (lowest–highest), KL, share on c, seconds."""
+    gaps = row["gaps"]
+    return (f"{sum(gaps) / len(gaps):7.3f} ({min(gaps):.2f}–{max(gaps):.2f}) {row['kl']:6.3f} {row['on_c']:6.3f} "
+            f"{row['seconds']:5.0f}")
 
 
 # --window: (window, dimensions, optimizer steps, lr) on the 20-step trailing chain, batch 32, cosine to lr / 100
@@ -201,20 +213,10 @@ def window_rows(seeds: list[int]) -> list[dict]:
         schedule, base, _ = chain(20, gmm=gmm)
         if d not in optima:
             optima[d] = chain_optimum(base, schedule, 2, n=20_000, gmm=gmm, chunk=2_000)
-        runs, t0 = [], time.time()
-        for seed in seeds:
-            torch.manual_seed(seed)
-            control = MLPControl(base, dim=d, hidden=64, time_features=4)
-            fit_control(control, schedule, lambda x: reward(x, gmm), ALPHA, iterations=steps, seed=seed, dim=d, batch=32,
-                        lr=lr, final_lr=lr / 100, estimator=WINDOWS[window])
-            runs.append(measure(control, base, schedule, 2_000, seed + 1, gmm))
-        gaps = [r["objective"] - optima[d] for r in runs]
-        row = {"window": window, "d": d, "steps": steps, "lr": lr, "optimum": optima[d], "gaps": gaps,
-               "kl": sum(r["kl"] for r in runs) / len(runs), "on_c": sum(r["on_c"] for r in runs) / len(runs),
-               "seconds": round(time.time() - t0, 1)}
+        row = {"window": window, "d": d, "steps": steps, "lr": lr, "optimum": optima[d],
+               **over_seeds(seeds, gmm, schedule, base, optima[d], steps, lr=lr, estimator=WINDOWS[window])}
         rows.append(row)
-        print(f"{window:8s} {d:3d} {steps:5d} {lr:6.0e} {sum(gaps) / len(gaps):7.3f} ({min(gaps):.2f}–{max(gaps):.2f}) "
-              f"{row['kl']:6.3f} {row['on_c']:6.3f} {row['seconds']:5.0f}", flush=True)
+        print(f"{window:8s} {d:3d} {steps:5d} {lr:6.0e} {spread(row)}", flush=True)
     return rows
 
 
