@@ -58,7 +58,7 @@ class ObjectiveConfig:
     pool_target: str = "forward"  # base_pool: the tilted pool's denoiser (forward) | only the tilt, less the untilted pool's (contrast)
     min_ess: float = 0.5  # weighted: tempering keeps each group's effective sample size >= min_ess · G (0 = off)
     window_min: int = 1  # gradient window K ~ uniform[window_min, window_max] controlled steps
-    window_max: Optional[int] = None  # None = all steps (unbiased); window_min == window_max = fixed K
+    window_max: Optional[int] = None  # None = all steps (every step can be inside); window_min == window_max = fixed K
     unbiased_window: bool = False  # scale each window step's parameter gradient by 1/P(inside the window): the full chain's
     #                                gradient in expectation, where the plain window weighs step j by that chance
     kl_grad: str = "window"  # window | all: also the KL terms before the window (local backward)

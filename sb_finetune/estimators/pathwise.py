@@ -36,9 +36,6 @@ class Pathwise:
         if path_gradient not in PATH_GRADIENTS:
             raise ValueError(f"objective.path_gradient {path_gradient!r}: one of {PATH_GRADIENTS}")
         self.window, self.checkpoint, self.kl_grad, self.kl_log_steps = window, checkpoint, kl_grad, kl_log_steps
-        if unbiased_window and kl_grad == "all":
-            raise ValueError("objective.unbiased_window reweights the window's whole gradient; objective.kl_grad=all "
-                             "gives the steps before it their KL's gradient already: use one of them")
         self.path_gradient, self.unbiased_window = path_gradient, unbiased_window
 
     def __call__(self, task: Task) -> Estimate:
