@@ -7,7 +7,6 @@ prompts, runs the rollout under `no_grad`, and post-processes the images as diff
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,9 +88,9 @@ def _load_base(cls, base, kwargs: dict):
         from sb_finetune.data import load_pipeline
 
         return _from_components(cls, load_pipeline(ModelConfig(pretrained=str(base))).components)
-    from sb_finetune.hub import hub_offline
+    from sb_finetune.hub import cache_only
 
-    if not os.path.isdir(str(base)) and hub_offline():
+    if cache_only(str(base)):
         kwargs = {"local_files_only": True, **kwargs}  # the cache or nothing: no retries against an unreachable hub
     try:
         pipe = cls.from_pretrained(base, **kwargs)

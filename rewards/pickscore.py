@@ -6,8 +6,6 @@ built offline (same vocabulary as the hub processor), the image preprocessing is
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -44,12 +42,12 @@ class PickScore(Reward):
         super().__init__()
         from transformers import CLIPConfig, CLIPModel
 
-        from sb_finetune.hub import download_hint, hub_offline
+        from sb_finetune.hub import cache_only, download_hint
         from sb_finetune.tokenizer import clip_tokenizer
 
         if pretrained:
             try:
-                clip = CLIPModel.from_pretrained(model, local_files_only=not os.path.isdir(model) and hub_offline())
+                clip = CLIPModel.from_pretrained(model, local_files_only=cache_only(model))
             except OSError as err:
                 raise FileNotFoundError(
                     f"reward 'pickscore': cannot load '{model}' (not a local CLIPModel folder, and the Hugging Face Hub "

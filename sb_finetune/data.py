@@ -31,10 +31,10 @@ def load_pipeline(cfg: ModelConfig):
     else:
         from diffusers import DiffusionPipeline
 
-        from .hub import hub_offline
+        from .hub import cache_only
 
         kwargs = dict(torch_dtype=DTYPES[cfg.dtype], revision=cfg.revision, variant=cfg.variant)
-        if not os.path.isdir(cfg.pretrained) and hub_offline():
+        if cache_only(cfg.pretrained):
             kwargs["local_files_only"] = True  # the cache or nothing: no retries against an unreachable hub
         try:
             pipe = DiffusionPipeline.from_pretrained(cfg.pretrained, **{k: v for k, v in kwargs.items() if v is not None})

@@ -35,6 +35,12 @@ def hub_offline() -> bool:
     return False
 
 
+def cache_only(name: str) -> bool:
+    """Whether a hub load of `name` must read the local cache alone: a hub id (not a local folder) while the Hub is
+    unreachable (`hub_offline`)."""
+    return not os.path.isdir(name) and hub_offline()
+
+
 def download_hint(repo: str, *files: str, local_dir: str) -> str:
     """The command that downloads `repo` (or some of its files) into `local_dir`, in backticks (huggingface_hub's CLI)."""
     return f"`hf download {' '.join((repo, *files))} --local-dir {local_dir}`"
