@@ -102,7 +102,8 @@ def distance(paths: Paths, alpha: float, best) -> dict[str, float]:
     objective: alpha·KL(P_θ ‖ P*) = E[alpha·Σ_k log dP_θ/dP_base − R] + alpha·log Z*, path by path; the log-ratio makes
     it constant along paths at the optimum, so it is the low-variance estimate. objective_by_kl: the same with the
     per-step KL in place of the sampled log-ratio (objective − optimum's objective); the two differ by the martingale
-    Σ_k (μ_θ − μ_base)·z_k / σ_k, mean zero, which one fixed seed does not average away (README, "How sure the distance is").
+    Σ_k (μ_θ − μ_base)·z_k / σ_k, mean zero, which one fixed seed does not average away (benchmarks/README.md,
+    "How sure the distance is").
     Their standard errors count the paths' spread and the optimum's own (`objective_se`), as independent."""
     n = paths.reward.numel()
     r = paths.reward.double()

@@ -69,7 +69,7 @@ class TiltedOptimum:
     kl: float  # KL(p* || p_base) = E_p*[R] / alpha − log Z, nats
     ess: float  # effective sample size 1 / Σ w_i²: how far to trust the estimate
     objective_se: float = 0.0  # alpha · se of log Z, by the delta method: Var log Ẑ ≈ Var(v)/(n E[v]²) = 1/ESS − 1/n
-    # (README, "How sure the distance is": one seed's draw sat 2–3 of these off)
+    # (benchmarks/README.md, "How sure the distance is": one seed's draw sat 2–3 of these off)
 
     def numbers(self) -> dict[str, float]:
         return {"objective": self.objective, "objective_se": self.objective_se, "kl": self.kl, "reward_mean": self.reward_mean,

@@ -15,7 +15,7 @@ states and the predictions). "stl" (sticking the landing, Roeder et al. 2017): �
 p_base(x_{k+1}|x_k) with the policy's weights θ̄ held fixed (`rollout.path_term`; one more model call a window step):
 the same expected gradient, whose every path's gradient vanishes at the optimum (alpha·log-ratio − R is constant
 there), so its noise shrinks as the control nears the optimum instead of staying at the KL's (on digits: half the KL's
-mid-run, level with it where training stalls; README, "Why the digits default overpays KL").
+mid-run, level with it where training stalls; benchmarks/README.md, "Why the digits default overpays KL").
 """
 
 from __future__ import annotations
