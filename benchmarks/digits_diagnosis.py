@@ -4,6 +4,7 @@
     python benchmarks/digits_diagnosis.py before n10 adjoint   # some rows
     python benchmarks/digits_diagnosis.py --report-only        # the table of rows already run
     python benchmarks/digits_diagnosis.py --optimum-profile    # the optimum's own per-step KL (about 7 minutes)
+    python benchmarks/digits_diagnosis.py --optimum-fraction 8192   # the optimum's own target fraction (about 4 minutes)
     python benchmarks/digits_diagnosis.py --gradient-noise cosine steps240 --batches 48   # is the control stationary?
     python benchmarks/digits_diagnosis.py --gradient-noise steps240 --batches 48 --set objective.window_min=20
     python benchmarks/digits_diagnosis.py --gradient-noise stl --batches 12 --set objective.path_gradient=stl
@@ -163,17 +164,14 @@ def report(rows: list[dict]) -> None:
               f"{r['excess_per_miss']:8.2f} {r['seconds']:5.0f} {r['peak_rss_mb'] or math.nan:7.0f}")
 
 
-def optimum_profile(continuations: int = 32, paths: int = 48, n_base: int = 2048) -> None:
-    """The optimum's per-step KL on the 20-step chain, from base paths resampled by exp(R/alpha) and base continuations
-    from each of their states (`sb_finetune.objective.optimum_kl_profile`), beside its total KL(p* ‖ p_base)."""
+def default_problem():
+    """The digits default's config, family, schedule, base denoiser, reward model and R(x_N) (the chain's last state)."""
     import torch
 
     from sb_finetune.config import load_config
     from sb_finetune.data import load_pipeline
     from sb_finetune.families import family_of
-    from sb_finetune.objective import optimum_kl_profile, tilted_optimum
     from sb_finetune.rewards import load_reward
-    from sb_finetune.rollout import rollout
 
     torch.set_flush_denormal(True)
     cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"))
@@ -185,6 +183,43 @@ def optimum_profile(continuations: int = 32, paths: int = 48, n_base: int = 2048
     def reward(x):
         return judge(fam.decode(x), [""] * x.shape[0])
 
+    return cfg, fam, schedule, base, judge, reward
+
+
+def optimum_fraction(paths: int = 8192, seed: int = 4242, chunk: int = 256) -> None:
+    """The optimum's own target fraction, from base paths alone: E_base[w · 1[argmax = target]] / E_base[w] with
+    w = exp(R/alpha), its bootstrap spread, and −alpha·log Z: where issue 13's target fraction (≥ 0.95) sits."""
+    import torch
+
+    from sb_finetune.objective import tilted_optimum
+    from sb_finetune.rollout import rollout
+
+    cfg, fam, schedule, base, judge, _ = default_problem()
+    g, rewards, hits = torch.Generator().manual_seed(seed), [], []
+    with torch.no_grad():
+        for start in range(0, paths, chunk):
+            x = torch.randn(min(chunk, paths - start), 1, 16, 16, generator=g)
+            images = fam.decode(rollout(base, base, schedule, x, window=0, generator=g).x)
+            rewards.append(judge(images, [""] * len(images)).float())
+            hits.append((judge.logits(images).argmax(1) == cfg.reward.kwargs["target"]).double())
+    best, hit = tilted_optimum(torch.cat(rewards), cfg.objective.alpha), torch.cat(hits)
+    w = best.weights.double()
+    pick = torch.randint(len(w), (500, len(w)), generator=torch.Generator().manual_seed(0))
+    boot = (w[pick] * hit[pick]).sum(1) / w[pick].sum(1)
+    print(f"{paths} base paths: the optimum's target fraction {float((w * hit).sum()):.4f} (bootstrap sd "
+          f"{float(boot.std()):.4f}), the base's {float(hit.mean()):.3f}; optimum objective {best.objective:.3f} ± "
+          f"{best.objective_se:.3f}, KL {best.kl:.3f}, ESS {best.ess:.0f}")
+
+
+def optimum_profile(continuations: int = 32, paths: int = 48, n_base: int = 2048) -> None:
+    """The optimum's per-step KL on the 20-step chain, from base paths resampled by exp(R/alpha) and base continuations
+    from each of their states (`sb_finetune.objective.optimum_kl_profile`), beside its total KL(p* ‖ p_base)."""
+    import torch
+
+    from sb_finetune.objective import optimum_kl_profile, tilted_optimum
+    from sb_finetune.rollout import rollout
+
+    cfg, fam, schedule, base, judge, reward = default_problem()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         states, rewards = [], []
@@ -304,12 +339,17 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="no training: the table of the rows already run")
     parser.add_argument("--measure-only", action="store_true", help="no training: measure the rows' trained folders again")
     parser.add_argument("--optimum-profile", action="store_true", help="the optimum's per-step KL (branching estimate)")
+    parser.add_argument("--optimum-fraction", type=int, metavar="PATHS", help="the optimum's own target fraction from "
+                        "that many base paths (8192: about 4 minutes)")
     parser.add_argument("--gradient-noise", action="store_true", help="mean gradient vs its noise at the rows' adapters")
     parser.add_argument("--gap-profile", action="store_true", help="where along the chain the rows' controls lose to the optimum")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for every row (with --gradient-noise: for the gradient's estimator)")
     parser.add_argument("--batches", type=int, default=16, help="--gradient-noise: independent batch gradients")
     args = parser.parse_args()
+    if args.optimum_fraction:
+        optimum_fraction(args.optimum_fraction)
+        return
     if args.optimum_profile:
         optimum_profile()
         return
