@@ -33,6 +33,7 @@ class ControlConfig:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     init: str = "gaussian"  # peft init_lora_weights; every choice starts at zero control
     init_from: Optional[str] = None  # start from a saved adapter (folder or hub id) of the same rank, modules and scale
+    merged_forward: Optional[bool] = None  # each LoRA layer as one call with W + s·BA (control.use_merged_forward); None = on the CPU
 
 
 @dataclass

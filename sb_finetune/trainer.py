@@ -14,7 +14,7 @@ import torch
 from . import checkpoint
 from .config import Config, to_yaml
 from .control import (add_lora_control, base_denoiser, frozen_denoiser, load_lora_control, lora_state_dict, paired_denoiser,
-                      save_lora_control)
+                      save_lora_control, use_merged_forward)
 from .data import DTYPES, load_pipeline, load_prompts
 from .estimators import DIFFERENTIABLE_ONLY, Task, make_estimator
 from .evaluation import KLAlarm, load_held_out, make_evaluator, write_summary
@@ -147,6 +147,10 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         cfg.objective.paired_calls = auto_paired_calls(fam, cfg.optim.batch_size, size, 2 if cfg.sampler.guidance_scale > 1 else 1)
     module = fam.module
     params = add_lora_control(module, cfg.control.rank, cfg.control.lora_alpha, cfg.control.target_modules, cfg.control.init)
+    if cfg.control.merged_forward is None:  # auto: on the CPU, where peft's rank-r calls cost more than the merge
+        cfg.control.merged_forward = accelerator.device.type == "cpu"
+    if cfg.control.merged_forward:
+        use_merged_forward(module)
     if cfg.control.init_from:  # continue from a saved adapter; a resume's checkpoint, loaded later, overrides it
         _start_from(module, cfg)
     for part in pipe.components.values():  # every frozen network: VAE, text encoders (CLIP, T5, Qwen2.5-VL, …)

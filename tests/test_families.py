@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sb_finetune.config import load_config
-from sb_finetune.control import add_lora_control, save_lora_control
+from sb_finetune.control import DEFAULT_TARGETS, add_lora_control, save_lora_control
 from sb_finetune.families import FAMILIES, family_of
 from sb_finetune.pipelines import (PIPELINES, SBFluxPipeline, SBQwenImagePipeline, SBStableDiffusion3Pipeline,
                                    load_finetuned)
@@ -190,15 +190,19 @@ def test_qwenimage_trains_and_its_adapter_loads_in_the_stock_pipeline(tmp_path):
     assert (stock(**kw, generator=torch.Generator().manual_seed(0)).images - before).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("kit", ["sd", "flux", "qwenimage", "ddpm"])
-def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit):
+@pytest.mark.parametrize("kit,merged", [("sd", False), ("flux", False), ("qwenimage", False), ("ddpm", False),
+                                         ("sd", True), ("ddpm", True)])
+def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit, merged):
     """`paired_denoiser`: one call on [x; x] with the adapter masked off the second copy gives the policy's and the
     base's predictions as two calls do, and the same gradients to the state and the adapter; through a checkpointed
-    rollout window too. (sd: CFG's [uncond; cond] doubling; qwenimage: its true CFG's two calls; flux: tokens.)"""
-    from sb_finetune.control import base_denoiser, paired_denoiser
+    rollout window too. (sd: CFG's [uncond; cond] doubling; qwenimage: its true CFG's two calls; flux: tokens.) With the
+    merged LoRA forward on (the trainer's CPU default), the paired call's mask still reaches every layer."""
+    from sb_finetune.control import base_denoiser, paired_denoiser, use_merged_forward
 
     fam = family_of(TINY_PIPELINES[kit]())
-    params = add_lora_control(fam.module, rank=4)
+    params = add_lora_control(fam.module, rank=4, target_modules=MERGE_TARGETS[kit] if merged else DEFAULT_TARGETS)
+    if merged:
+        assert use_merged_forward(fam.module) == sum(1 for _ in _lora_layers(fam.module))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in params:  # a control far from zero, so that policy and base differ
@@ -229,15 +233,17 @@ def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit):
         assert a.norm() > 0 and (a - b).norm() < 1e-4 * a.norm(), (a - b).norm() / a.norm()
 
 
-@pytest.mark.parametrize("kit", ["sd", "ddpm"])
-def test_the_frozen_policy_has_the_policys_value_and_state_gradient_and_none_for_the_adapter(kit):
+@pytest.mark.parametrize("kit,merged", [("sd", False), ("ddpm", False), ("ddpm", True)])
+def test_the_frozen_policy_has_the_policys_value_and_state_gradient_and_none_for_the_adapter(kit, merged):
     """`frozen_denoiser` (pathwise's stl): the policy's prediction, its gradient to the state x the policy's own, and
     no gradient to the adapter; under a checkpointed window the stl loss reaches the adapter through the states only,
-    and differs from the KL loss's gradient."""
-    from sb_finetune.control import base_denoiser, frozen_denoiser
+    and differs from the KL loss's gradient. The same with the merged LoRA forward on."""
+    from sb_finetune.control import base_denoiser, frozen_denoiser, use_merged_forward
 
     fam = family_of(TINY_PIPELINES[kit]())
-    params = add_lora_control(fam.module, rank=4)
+    params = add_lora_control(fam.module, rank=4, target_modules=MERGE_TARGETS[kit] if merged else DEFAULT_TARGETS)
+    if merged:
+        assert use_merged_forward(fam.module) > 0
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in params:
@@ -262,6 +268,93 @@ def test_the_frozen_policy_has_the_policys_value_and_state_gradient_and_none_for
         grads[name] = torch.autograd.grad(terms.sum() - o.x.square().mean(), params)
     assert sum(float((a - b).norm()) for a, b in zip(grads["kl"], grads["stl"])) > 1e-4
     assert all(torch.isfinite(a).all() for a in grads["stl"])
+
+
+# LoRA on convolutions (3×3 and the 1×1 shortcut) as well as linear layers: what the merged forward must reproduce
+MERGE_TARGETS = {"sd": ["to_q", "to_v", "to_out.0", "conv1", "conv2", "proj_in"],
+                 "ddpm": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut"]}
+
+
+def _lora_layers(module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return (m for m in module.modules() if isinstance(m, BaseTunerLayer))
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the merged forward called a LoRA part whose weight was all it needed")
+
+
+@pytest.mark.parametrize("kit", ["sd", "ddpm"])
+def test_the_merged_lora_forward_is_peft_s_layer_in_values_and_gradients(kit):
+    """`use_merged_forward`: every LoRA layer as one call with W + s·BA gives peft's outputs and the same gradients to the
+    state and the adapter (3×3 and 1×1 convolutions, linear layers, lora_alpha ≠ rank), without calling the adapter's
+    own A and B layers; with the adapter disabled it is the base."""
+    from sb_finetune.control import adapter_disabled, use_merged_forward
+
+    def run(merged):
+        fam = family_of(TINY_PIPELINES[kit]())
+        params = add_lora_control(fam.module, rank=4, lora_alpha=6, target_modules=MERGE_TARGETS[kit])
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        layers = list(_lora_layers(fam.module))
+        kernels = {tuple(m.get_base_layer().weight.shape[2:]) for m in layers}
+        assert {(), (1, 1), (3, 3)} <= kernels, kernels  # linear, 1×1 and 3×3 layers all adapted
+        if merged:
+            assert use_merged_forward(fam.module) == len(layers)
+            for m in layers:  # the merge reads A's and B's weights and never calls them
+                m.lora_A["default"].forward = m.lora_B["default"].forward = _never
+        policy = fam.denoiser(fam.module, fam.encode(PROMPTS if fam.conditional else None, 2, 4.0))
+        x = fam.start_noise(fam.latent_shape(2), torch.Generator().manual_seed(4), "cpu").requires_grad_(True)
+        t = fam.schedule(3).timesteps[1]
+        out = policy(x, t)
+        grads = torch.autograd.grad(out.square().sum(), [x, *params])
+        with torch.no_grad(), adapter_disabled(fam.module):
+            bare = policy(x, t)
+        return out.detach(), grads, bare
+
+    (out, grads, bare), (out_m, grads_m, bare_m) = run(False), run(True)
+    assert (out - bare).abs().max() > 1e-2  # the adapter matters
+    assert torch.allclose(out, out_m, rtol=1e-4, atol=1e-5), (out - out_m).abs().max()
+    assert torch.equal(bare, bare_m)
+    for a, b in zip(grads, grads_m):
+        assert a.norm() > 0 and (a - b).norm() < 1e-4 * a.norm(), (a - b).norm() / a.norm()
+
+
+@pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups")
+def test_the_merged_lora_forward_keeps_peft_s_where_the_merge_would_differ():
+    """A grouped convolution, one that pads by reflection (peft's A pads with zeros) and half-precision weights keep
+    peft's own forward; so does every layer under autocast, whose bf16 copy of W + s·BA would round the small s·BA away."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from sb_finetune.control import use_merged_forward
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), torch.nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 5))
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["0", "1", "2", "4"], init_lora_weights="gaussian"), net)
+    for name, p in net.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 4, 6, 6)
+    stock = net(x)
+    assert use_merged_forward(net) == 2  # the plain 3×3 convolution and the linear layer
+    assert torch.allclose(net(x), stock, rtol=1e-5, atol=1e-5)
+    net[2].lora_A["default"].forward = _never  # the merge takes A's weight alone outside autocast, and A's call inside
+    net(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(AssertionError, match="merged forward"):
+            net(x)
+        net[2].lora_A["default"].__dict__.pop("forward")
+        merged_bf16 = net(x)
+        for layer in _lora_layers(net):  # peft's own forward in the same autocast
+            layer.__dict__.pop("forward", None)
+        assert torch.equal(merged_bf16, net(x))
+    half = torch.nn.ModuleDict({"lin": torch.nn.Linear(4, 4).to(torch.bfloat16)})
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["lin"]), half)
+    assert use_merged_forward(half) == 0
 
 
 def test_a_paired_call_is_not_offered_where_masking_would_not_give_the_base():
