@@ -20,7 +20,7 @@ from digits_diagnosis import default_problem
 def main() -> None:
     import torch
 
-    from sb_finetune.control import _tuner_layers, add_lora_control, base_denoiser, use_merged_forward
+    from sb_finetune.control import add_lora_control, base_denoiser, use_merged_forward
     from sb_finetune.rollout import rollout
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -35,13 +35,6 @@ def main() -> None:
             p.copy_(0.02 * torch.randn(p.shape, generator=g))
     policy = fam.denoiser(fam.module, fam.encode(None, 1))
     base = base_denoiser(policy, fam.module)
-    layers = _tuner_layers(fam.module)
-
-    def merged(on: bool) -> None:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)  # peft's own
-        if on:
-            use_merged_forward(fam.module)
 
     def step(k: int, checkpoint: bool) -> float:
         gen = torch.Generator().manual_seed(1)
@@ -57,7 +50,7 @@ def main() -> None:
         losses = {}
         for r in range(args.rounds + 1):
             for on in (False, True):
-                merged(on)
+                use_merged_forward(fam.module, on)
                 t0 = time.perf_counter()
                 losses[on] = step(k, checkpoint)
                 if r:  # the first round warms up

@@ -52,7 +52,7 @@ def attach_adapter(module: torch.nn.Module, config) -> None:
     module.peft_config = {"default": config}
 
 
-def use_merged_forward(module: torch.nn.Module) -> int:
+def use_merged_forward(module: torch.nn.Module, on: bool = True) -> int:
     """Make each LoRA Linear/Conv layer of `module` compute y = layer(x; W + s·BA), one GEMM or convolution with the
     merged weight, instead of peft's W x + s·B(A x): the same values and gradients (to float rounding), fewer and
     larger calls. On 2 CPU cores it takes 6–16 % off a digits training step (benchmarks/README.md, "The merged
@@ -62,17 +62,19 @@ def use_merged_forward(module: torch.nn.Module) -> int:
     or inputs, autocast (its bf16 copy of W + s·BA would round the small s·BA away), a convolution with groups,
     dilation or a padding mode other than zeros, or a hook on the layer's parts (`paired_denoiser`'s and `frozen_denoiser`'s, a
     user's). Returns the number of layers switched. Not for a compute-bound accelerator: with a gradient, the merged
-    weight's backward adds one weight-sized GEMM a layer that peft's rank-r path does not make."""
+    weight's backward adds one weight-sized GEMM a layer that peft's rank-r path does not make. on=False gives every
+    layer peft's own forward back."""
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.lora.layer import _ConvNd as LoraConv
 
     switched = 0
     for layer in _tuner_layers(getattr(module, "module", module)):
+        layer.__dict__.pop("forward", None)  # the class's: peft's
         base = layer.get_base_layer()
         linear = isinstance(layer, LoraLinear) and type(base) is torch.nn.Linear and not layer.fan_in_fan_out
         conv = (isinstance(layer, LoraConv) and type(base) in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
                 and base.groups == 1 and base.padding_mode == "zeros" and set(base.dilation) == {1})
-        if (linear or conv) and base.weight.dtype == torch.float32:
+        if on and (linear or conv) and base.weight.dtype == torch.float32:
             layer.forward = types.MethodType(_merged_forward, layer)
             switched += 1
     return switched
