@@ -1,7 +1,7 @@
 """peft's LoRA forward against the merged one (`control.use_merged_forward`, the trainer's default on the CPU) on a
 digits training step, interleaved in one process so that this host's drifting speed hits both alike:
 
-    python benchmarks/merged_forward.py [--rounds 5] [--batch 32]     (~4 minutes)
+    python benchmarks/merged_forward.py [--rounds 5] [--batch 32]     (~3 minutes)
 
 Each row is the digits default's rollout (its chain, reward and adapter: rank 8 on conv1, conv2 and the attention
 projections, at random non-zero weights) with a fixed gradient window of K steps, batch 32, and its backward; it prints

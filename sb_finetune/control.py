@@ -60,8 +60,8 @@ def use_merged_forward(module: torch.nn.Module, on: bool = True) -> int:
     file is unchanged) and each call falls back to peft's own forward wherever the merge would not be the same
     layer: the adapter disabled or merged, several adapters active, DoRA, dropout, a LoRA bias, half-precision weights
     or inputs, autocast (its bf16 copy of W + s·BA would round the small s·BA away), a convolution with groups,
-    dilation or a padding mode other than zeros, or a hook on the layer's parts (`paired_denoiser`'s and `frozen_denoiser`'s, a
-    user's). Returns the number of layers switched. Not for a compute-bound accelerator: with a gradient, the merged
+    dilation or a padding mode other than zeros, or a hook on the layer's parts (`paired_denoiser`'s and
+    `frozen_denoiser`'s, a user's). Returns the number of layers switched. Not for a compute-bound accelerator: with a gradient, the merged
     weight's backward adds one weight-sized GEMM a layer that peft's rank-r path does not make. on=False gives every
     layer peft's own forward back."""
     from peft.tuners.lora.layer import Linear as LoraLinear
