@@ -61,9 +61,9 @@ def use_merged_forward(module: torch.nn.Module, on: bool = True) -> int:
     layer: the adapter disabled or merged, several adapters active, DoRA, dropout, a LoRA bias, half-precision weights
     or inputs, autocast (its bf16 copy of W + s·BA would round the small s·BA away), a convolution with groups,
     dilation or a padding mode other than zeros, or a hook on the layer's parts (`paired_denoiser`'s and
-    `frozen_denoiser`'s, a user's). Returns the number of layers switched. Not for a compute-bound accelerator: with a gradient, the merged
-    weight's backward adds one weight-sized GEMM a layer that peft's rank-r path does not make. on=False gives every
-    layer peft's own forward back."""
+    `frozen_denoiser`'s, a user's). Returns the number of layers switched. Not for a compute-bound accelerator: with
+    a gradient, the merged weight's backward adds one weight-sized GEMM a layer that peft's rank-r path does not make.
+    on=False gives every layer peft's own forward back."""
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.lora.layer import _ConvNd as LoraConv
 
@@ -82,24 +82,24 @@ def use_merged_forward(module: torch.nn.Module, on: bool = True) -> int:
 
 def _merged_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """`use_merged_forward`'s forward of one peft LoRA layer: base(x; W + s·BA), else peft's own."""
-    delta = None if args or kwargs else _merged_delta(layer, x)
+    base = layer.get_base_layer()
+    delta = None if args or kwargs else _merged_delta(layer, base, x)
     if delta is None:
         return type(layer).forward(layer, x, *args, **kwargs)
-    base = layer.get_base_layer()
     weight = base.weight + delta
     if isinstance(base, torch.nn.Linear):
         return torch.nn.functional.linear(x, weight, base.bias)
     return base._conv_forward(x, weight, base.bias)
 
 
-def _merged_delta(layer, x: torch.Tensor) -> torch.Tensor | None:
+def _merged_delta(layer, base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """s·BA in the base weight's shape for the one active adapter, or None where the merge would not be peft's layer."""
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
     if name not in layer.lora_A or name in layer.lora_variant or not isinstance(layer.lora_dropout[name], torch.nn.Identity):
         return None
-    base, a, b = layer.get_base_layer(), layer.lora_A[name], layer.lora_B[name]
+    a, b = layer.lora_A[name], layer.lora_B[name]
     if (x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type) or b.bias is not None
             or any(m._forward_hooks or m._forward_pre_hooks for m in (base, a, b))):
         return None

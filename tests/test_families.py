@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sb_finetune.config import load_config
-from sb_finetune.control import DEFAULT_TARGETS, add_lora_control, save_lora_control
+from sb_finetune.control import DEFAULT_TARGETS, _tuner_layers, add_lora_control, save_lora_control
 from sb_finetune.families import FAMILIES, family_of
 from sb_finetune.pipelines import (PIPELINES, SBFluxPipeline, SBQwenImagePipeline, SBStableDiffusion3Pipeline,
                                    load_finetuned)
@@ -202,7 +202,7 @@ def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit, m
     fam = family_of(TINY_PIPELINES[kit]())
     params = add_lora_control(fam.module, rank=4, target_modules=MERGE_TARGETS[kit] if merged else DEFAULT_TARGETS)
     if merged:
-        assert use_merged_forward(fam.module) == sum(1 for _ in _lora_layers(fam.module))
+        assert use_merged_forward(fam.module) == len(_tuner_layers(fam.module))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in params:  # a control far from zero, so that policy and base differ
@@ -275,12 +275,6 @@ MERGE_TARGETS = {"sd": ["to_q", "to_v", "to_out.0", "conv1", "conv2", "proj_in"]
                  "ddpm": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut"]}
 
 
-def _lora_layers(module):
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return (m for m in module.modules() if isinstance(m, BaseTunerLayer))
-
-
 def _never(*args, **kwargs):
     raise AssertionError("the merged forward called a LoRA part whose weight was all it needed")
 
@@ -299,7 +293,7 @@ def test_the_merged_lora_forward_is_peft_s_layer_in_values_and_gradients(kit):
         with torch.no_grad():
             for p in params:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
-        layers = list(_lora_layers(fam.module))
+        layers = _tuner_layers(fam.module)
         kernels = {tuple(m.get_base_layer().weight.shape[2:]) for m in layers}
         assert {(), (1, 1), (3, 3)} <= kernels, kernels  # linear, 1×1 and 3×3 layers all adapted
         if merged:
