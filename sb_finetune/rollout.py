@@ -44,6 +44,7 @@ class Rollout:
     kl_steps: int = 0  # controlled steps whose KL was computed; fewer than all when `kl_sample` subsampled them
     path_terms: Tensor | None = None  # [B, N] with `frozen`: the window's log q_θ̄ − log p_base of the step taken,
     # differentiable in the path only (θ̄: the policy's weights held fixed); the KL elsewhere. The loss's KL part.
+    pending: int = 0  # window steps whose KL and log-ratio the backward fills in (`base_in_backward`): 0 until then
 
 
 def draw_window(spec: WindowSpec, num_steps: int, generator: torch.Generator | None = None) -> int:
@@ -101,9 +102,51 @@ def _reweighted(window_step: Callable, c: float) -> Callable:
     return call
 
 
+class _Late:
+    """Where a window step's KL_k and log-ratio go once its backward has made them (`_KLBaseInBackward`): column k of
+    the rollout's [B, N] `kl` and `log_ratio`, set after the loop."""
+
+    def __init__(self, k: int):
+        self.k, self.kl, self.log_ratio = k, None, None
+
+    def fill(self, kl: Tensor, log_ratio: Tensor) -> None:
+        self.kl[:, self.k] = kl
+        self.log_ratio[:, self.k] = log_ratio
+
+
+class _KLBaseInBackward(torch.autograd.Function):
+    """KL_k = |μ_θ − μ_base(x_k)|² / 2σ² (`step_kl`) whose forward does not call the base: it returns zeros, and the
+    backward calls the base once, with graph, gives μ_θ and x_k their exact gradients (x_k's through the base, as a
+    checkpointed call's recompute would) and writes KL_k and the log-ratio into `late`. Under checkpointing the base's
+    first-pass call made only that value, and its recompute came anyway: one model call less a window step, the
+    gradient and the numbers the same. The backward runs the base under the forward's autocast, as checkpointing does."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mean: Tensor, base_mean: Callable[[Tensor], Tensor], std: float, z: Tensor, late: _Late):
+        ctx.save_for_backward(x, mean, z)
+        ctx.base_mean, ctx.std, ctx.late = base_mean, std, late
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        return mean.new_zeros(mean.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, mean, z = ctx.saved_tensors
+        device, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            x_in = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            mean_in = mean.detach().requires_grad_(True)
+            mean_base = ctx.base_mean(x_in)
+            kl = step_kl(mean_in, mean_base, ctx.std)
+            wrt = [mean_in, x_in] if ctx.needs_input_grad[0] else [mean_in]
+            grads = torch.autograd.grad(kl, wrt, grad)
+        ctx.late.fill(kl.detach(), step_log_ratio(kl, mean, mean_base, z, ctx.std))
+        return (grads[1] if ctx.needs_input_grad[0] else None), grads[0], None, None, None, None
+
+
 def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True,
-          both: PairedDenoiser | None = None, frozen: Denoiser | None = None
-          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+          both: PairedDenoiser | None = None, frozen: Denoiser | None = None, late: list[_Late] | None = None,
+          base_late: Denoiser | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One transition x_k → x_{k+1} under the policy; KL_k to the base at the same x_k; the pathwise log-ratio
     (`step_log_ratio`, detached); the transition's mean μ_k; and the step's term of the loss: KL_k, or with `frozen`
     (the policy with its weights held fixed) `path_term`. `both`, if given, makes the two predictions in one call."""
@@ -116,6 +159,12 @@ def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tenso
     if policy is base or not compute_kl:
         mean = transition_mean(schedule, k, x, policy(x, t))
         return mean + std * z, no_kl, no_kl, mean, no_kl
+    if late is not None and std > 0:  # the base only in the backward
+        mean = transition_mean(schedule, k, x, policy(x, t))
+        late.append(_Late(k))
+        kl = _KLBaseInBackward.apply(x, mean, lambda x_in: transition_mean(schedule, k, x_in, base_late(x_in, t)), std,
+                                     z, late[-1])
+        return mean + std * z, kl, kl.detach(), mean, kl
     if both is not None:
         pred, pred_base = both(x, t)
         mean, mean_base = transition_mean(schedule, k, x, pred), transition_mean(schedule, k, x, pred_base)
@@ -170,6 +219,7 @@ def rollout(
     both: PairedDenoiser | None = None,
     frozen: Denoiser | None = None,
     inclusion: list[float] | None = None,
+    base_in_backward: bool = False,
 ) -> Rollout:
     """Run the N-step controlled chain from the start noise `x`.
 
@@ -204,6 +254,11 @@ def rollout(
         and the gradient it passes back along the states left as it is: the full-chain gradient in expectation over
         K, at the random window's cost (DESIGN.md, "Random window"). Not with `kl_backward`, whose steps before the
         window already give their KL's direct gradient.
+    base_in_backward: with `checkpoint`, each window step calls the base in the backward only (`_KLBaseInBackward`):
+        one model call less a step, the same gradient and numbers, but the window's KL_k and log-ratio columns read 0
+        until a backward through them has run (`Rollout.pending` of them), so a caller checks and logs them after it.
+        A step whose KL gets no gradient keeps its 0. Not with `frozen`; ignores `both` in the window, as one call
+        less beats pairing two (benchmarks/README.md, "The base in the backward of a checkpointed window").
     """
     n = schedule.num_steps
     controlled = [k for k in range(n) if bool(schedule.controlled[k])]
@@ -224,11 +279,15 @@ def rollout(
     means: list[Tensor] | None = [] if return_means else None
     # checkpointing: each model call on its own (the paired call as one), so the backward recomputes one call at a
     # time, keeping only the states and predictions of the window
+    late: list[_Late] = []  # with base_in_backward: the window steps whose KL the backward will fill in
     if checkpoint:
         wrapped = _checkpointed(policy)
-        window_step = functools.partial(_step, wrapped, wrapped if base is policy else _checkpointed(base),
-                                        both=None if both is None else _checkpointed(both),
-                                        frozen=None if frozen is None else _checkpointed(frozen))
+        if base_in_backward and policy is not base and frozen is None:  # one call less a step: beats pairing the two
+            window_step = functools.partial(_step, wrapped, _checkpointed(base), late=late, base_late=base)
+        else:
+            window_step = functools.partial(_step, wrapped, wrapped if base is policy else _checkpointed(base),
+                                            both=None if both is None else _checkpointed(both),
+                                            frozen=None if frozen is None else _checkpointed(frozen))
     else:
         window_step = functools.partial(_step, policy, base, both=both, frozen=frozen)
     terms: list[Tensor] = []
@@ -273,8 +332,11 @@ def rollout(
                 kls[k], log_ratios[k] = len(run) * kl, len(run) * step_log_ratio(kl, mean, mean_base, z, std)
     kl_steps = 0 if not compute_kl or policy is base else len(controlled) - n_before + (kl_sample if defer else n_before)
     path_terms = None if frozen is None else torch.stack(kls[:start] + terms, dim=1)
-    return Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1), means, kl_steps,
-                   path_terms)
+    out = Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1), means, kl_steps,
+                  path_terms, len(late))
+    for step in late:  # their columns hold 0 until the backward fills them in
+        step.kl, step.log_ratio = out.kl.detach(), out.log_ratio
+    return out
 
 
 def _checkpointed(denoiser: Callable) -> Callable:

@@ -220,6 +220,65 @@ def test_full_window_gradient_equals_plain_autograd(checkpoint):
     torch.testing.assert_close(ours, control.u.grad, atol=1e-5, rtol=1e-4)
 
 
+class LinearBase(torch.nn.Module):
+    """toy_denoiser plus a linear layer: under CPU autocast its output is bf16, so the precision a call ran in shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        torch.nn.init.normal_(self.lin.weight, generator=torch.Generator().manual_seed(4))
+        torch.nn.init.normal_(self.lin.bias, generator=torch.Generator().manual_seed(5))
+        self.calls = 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        return toy_denoiser(x, t) + 0.3 * self.lin(x)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("k_window, unbiased", [(1, False), (5, False), (11, False), (5, True)])
+def test_the_base_called_in_the_backward_gives_a_checkpointed_window_its_numbers_with_one_call_less(k_window, unbiased,
+                                                                                                  autocast):
+    """`base_in_backward`: the window's KL, log-ratio, parameter and state gradients are the checkpointed window's
+    (and under autocast the base runs in the forward's precision), the base is called once a window step instead of
+    twice, and before the backward the window's KL columns read 0 (`pending`)."""
+    s = _vp_setup()
+    x0 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    inclusion = window_inclusion(None, 11) if unbiased else None
+
+    def run(late, cast=autocast):
+        base = LinearBase()
+        control = PerStepControl(s, 2)
+        policy = lambda x, t: control(x, t) + 0.3 * base.lin(x)  # noqa: E731
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            out = rollout(policy, base, s, x, window=k_window, generator=torch.Generator().manual_seed(1), checkpoint=True,
+                          base_in_backward=late, inclusion=inclusion, kl_sample=2)
+            before, calls = out.kl.detach().clone(), base.calls
+            soc_loss(out.x.pow(2).sum(1), out.kl, alpha=0.7).loss.backward()
+        return out, before, calls, base.calls - calls, control.u.grad, x.grad
+
+    plain, late = run(False), run(True)
+    start = 11 - k_window
+    assert plain[0].pending == 0 and late[0].pending == k_window
+    assert (late[1][:, start:11] == 0).all() and (plain[1][:, start:11] > 0).all()  # filled by the backward only
+    torch.testing.assert_close(late[1][:, :start], plain[1][:, :start])  # the KL logged before the window
+    torch.testing.assert_close(late[0].kl, plain[0].kl, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(late[0].log_ratio, plain[0].log_ratio, atol=1e-6, rtol=1e-5)
+    for a, b in zip(plain[4:], late[4:]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.abs().sum() > 0
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    # base calls: the first pass makes the logged steps' (2 of those before the window) and the window's (its K controlled steps and the last,
+    # uncontrolled one), the backward recomputes the window's; with the base in the backward the K controlled steps'
+    # first-pass calls go
+    logged = min(2, start)
+    assert plain[2] == logged + k_window + 1 and late[2] == logged + 1 and plain[3] == late[3] == k_window + 1
+    if autocast:  # the base's backward call ran in bf16 as the forward's did: fp32 would differ
+        assert (run(True, cast=False)[0].kl - late[0].kl).abs().max() > 1e-4
+
+
 def test_gradient_flows_through_the_base_prediction_inside_the_window():
     s = _vp_setup()
     x0 = torch.randn(4, 2, requires_grad=True)

@@ -86,6 +86,34 @@ def test_nan_reward_step_is_skipped_and_training_continues(tmp_path, accum):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+def test_a_window_kl_made_in_the_backward_that_is_nan_skips_the_step(tmp_path, monkeypatch):
+    """Under checkpointing the window's KL is made in the backward (`rollout(base_in_backward=True)`), after the
+    pre-backward check: a NaN there must still leave the weights untouched, the step skipped and said, and the log
+    shows it; the next steps train."""
+    from sb_finetune import rollout as rollout_module
+    from sb_finetune.trainer import train
+
+    made, step_kl = {"n": 0}, rollout_module.step_kl
+
+    def nan_once_in_the_backward(mean_policy, mean_base, std):
+        kl = step_kl(mean_policy, mean_base, std)
+        if mean_base.requires_grad:  # the backward's call (the forward's KLs are made without a graph to the base)
+            made["n"] += 1
+            if made["n"] == 1:
+                return kl * float("nan")
+        return kl
+
+    monkeypatch.setattr(rollout_module, "step_kl", nan_once_in_the_backward)
+    with pytest.warns(UserWarning, match="step 0: the KL to the base was not finite; step skipped, weights untouched"):
+        result = train(_smoke(tmp_path, "optim.steps=3", "objective.checkpointing=true", "optim.lr=1e-2"))
+    assert made["n"] >= 3 and result["steps"] == 3 and result["skipped"] == 1
+    first, later = result["history"][0], result["history"][1:]
+    assert math.isnan(first["kl"]) and math.isnan(first["grad_norm"])
+    assert all(math.isfinite(row["kl"]) and row["kl"] > 0 for row in later[1:])  # the control moved after the skip
+    weights = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
 @register_reward("always_nan")
 def _always_nan(images, prompts):
     return images.mean(dim=(1, 2, 3)) * float("nan")
@@ -290,11 +318,13 @@ def test_eval_grids_are_written_before_during_and_after(tmp_path):
     assert (width, height) == (170 + 3 * 128 + 4 * 2, 2 * 128 + 3 * 2)  # labels; 3 seeds × 2 prompts, 32 px → 128
 
 
-@pytest.mark.parametrize("run", ["kl_grad=window", "kl_grad=all", "stl", "adjoint", "base_pool", "base_pool_contrast"])
+@pytest.mark.parametrize("run", ["kl_grad=window", "kl_grad=all", "stl", "checkpointing", "adjoint", "base_pool",
+                                 "base_pool_contrast"])
 def test_two_processes_end_with_identical_trained_control(two_ranks, run):
     """With kl_grad=all every step before the window has its own local backward (DDP's no_sync), reduced with the
     window's; Adjoint Matching backpropagates each regressed step on its own, all-reduced with the last; stl calls the
-    policy a second time, outside DDP, with its weights held fixed (checkpointed: recomputed in the backward); base_pool
+    policy a second time, outside DDP, with its weights held fixed (checkpointed: recomputed in the backward); a
+    checkpointed window calls the base, outside DDP, in the backward only, and checks its KL there; base_pool
     regresses each process's own pool (kept in the checkpoint, one file a process) at steps both draw alike, and with
     the contrast target each process its own second control beside it. Were any left out of that all-reduce, the ranks
     would end with different weights."""

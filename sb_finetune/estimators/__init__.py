@@ -74,6 +74,8 @@ class Estimate:
     checks: tuple[Tensor, ...] = ()  # more tensors that must be finite first (a loss, an adjoint)
     extra: dict[str, float] = field(default_factory=dict)  # estimator-specific numbers for the log
     loss: float = math.nan  # the surrogate loss, once backward() ran
+    late: bool = False  # some of `kl` / `log_ratio` are made by backward() (`rollout(base_in_backward=True)`): finite()
+    # again after it, before the weights move
 
     def finite(self) -> bool:
         return is_finite(self.reward, self.kl, *self.checks)
