@@ -103,15 +103,17 @@ def _reweighted(window_step: Callable, c: float) -> Callable:
 
 
 class _Late:
-    """Where a window step's KL_k and log-ratio go once its backward has made them (`_KLBaseInBackward`): column k of
-    the rollout's [B, N] `kl` and `log_ratio`, set after the loop."""
+    """Where the window steps' KL_k and log-ratio go once their backward has made them (`_KLBaseInBackward`): column k
+    of the rollout's [B, N] `kl` and `log_ratio`, which exist once the loop is done."""
 
-    def __init__(self, k: int):
-        self.k, self.kl, self.log_ratio = k, None, None
+    def __init__(self):
+        self.steps: list[int] = []  # the steps whose KL the backward makes
+        self.kl: Tensor | None = None
+        self.log_ratio: Tensor | None = None
 
-    def fill(self, kl: Tensor, log_ratio: Tensor) -> None:
-        self.kl[:, self.k] = kl
-        self.log_ratio[:, self.k] = log_ratio
+    def fill(self, k: int, kl: Tensor, log_ratio: Tensor) -> None:
+        self.kl[:, k] = kl
+        self.log_ratio[:, k] = log_ratio
 
 
 class _KLBaseInBackward(torch.autograd.Function):
@@ -122,9 +124,10 @@ class _KLBaseInBackward(torch.autograd.Function):
     gradient and the numbers the same. The backward runs the base under the forward's autocast, as checkpointing does."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, mean: Tensor, base_mean: Callable[[Tensor], Tensor], std: float, z: Tensor, late: _Late):
+    def forward(ctx, x: Tensor, mean: Tensor, base_mean: Callable[[Tensor], Tensor], std: float, z: Tensor, late: _Late,
+                k: int):
         ctx.save_for_backward(x, mean, z)
-        ctx.base_mean, ctx.std, ctx.late = base_mean, std, late
+        ctx.base_mean, ctx.std, ctx.late, ctx.k = base_mean, std, late, k
         device = x.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return mean.new_zeros(mean.shape[0])
@@ -140,12 +143,12 @@ class _KLBaseInBackward(torch.autograd.Function):
             kl = step_kl(mean_in, mean_base, ctx.std)
             wrt = [mean_in, x_in] if ctx.needs_input_grad[0] else [mean_in]
             grads = torch.autograd.grad(kl, wrt, grad)
-        ctx.late.fill(kl.detach(), step_log_ratio(kl, mean, mean_base, z, ctx.std))
-        return (grads[1] if ctx.needs_input_grad[0] else None), grads[0], None, None, None, None
+        ctx.late.fill(ctx.k, kl.detach(), step_log_ratio(kl, mean, mean_base, z, ctx.std))
+        return (grads[1] if ctx.needs_input_grad[0] else None), grads[0], None, None, None, None, None
 
 
 def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True,
-          both: PairedDenoiser | None = None, frozen: Denoiser | None = None, late: list[_Late] | None = None,
+          both: PairedDenoiser | None = None, frozen: Denoiser | None = None, late: _Late | None = None,
           base_late: Denoiser | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One transition x_k → x_{k+1} under the policy; KL_k to the base at the same x_k; the pathwise log-ratio
     (`step_log_ratio`, detached); the transition's mean μ_k; and the step's term of the loss: KL_k, or with `frozen`
@@ -161,9 +164,9 @@ def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tenso
         return mean + std * z, no_kl, no_kl, mean, no_kl
     if late is not None and std > 0:  # the base only in the backward
         mean = transition_mean(schedule, k, x, policy(x, t))
-        late.append(_Late(k))
+        late.steps.append(k)
         kl = _KLBaseInBackward.apply(x, mean, lambda x_in: transition_mean(schedule, k, x_in, base_late(x_in, t)), std,
-                                     z, late[-1])
+                                     z, late, k)
         return mean + std * z, kl, kl.detach(), mean, kl
     if both is not None:
         pred, pred_base = both(x, t)
@@ -279,7 +282,7 @@ def rollout(
     means: list[Tensor] | None = [] if return_means else None
     # checkpointing: each model call on its own (the paired call as one), so the backward recomputes one call at a
     # time, keeping only the states and predictions of the window
-    late: list[_Late] = []  # with base_in_backward: the window steps whose KL the backward will fill in
+    late = _Late()  # with base_in_backward: the window steps whose KL the backward will fill in
     if checkpoint:
         wrapped = _checkpointed(policy)
         if base_in_backward and policy is not base and frozen is None:  # one call less a step: beats pairing the two
@@ -333,9 +336,8 @@ def rollout(
     kl_steps = 0 if not compute_kl or policy is base else len(controlled) - n_before + (kl_sample if defer else n_before)
     path_terms = None if frozen is None else torch.stack(kls[:start] + terms, dim=1)
     out = Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1), means, kl_steps,
-                  path_terms, len(late))
-    for step in late:  # their columns hold 0 until the backward fills them in
-        step.kl, step.log_ratio = out.kl.detach(), out.log_ratio
+                  path_terms, len(late.steps))
+    late.kl, late.log_ratio = out.kl.detach(), out.log_ratio  # their columns hold 0 until the backward fills them in
     return out
 
 

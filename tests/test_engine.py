@@ -270,9 +270,9 @@ def test_the_base_called_in_the_backward_gives_a_checkpointed_window_its_numbers
         if a is not None:
             assert a.abs().sum() > 0
             torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
-    # base calls: the first pass makes the logged steps' (2 of those before the window) and the window's (its K controlled steps and the last,
-    # uncontrolled one), the backward recomputes the window's; with the base in the backward the K controlled steps'
-    # first-pass calls go
+    # base calls: the first pass makes the logged steps' (2 of those before the window) and the window's (its K
+    # controlled steps and the last, uncontrolled one), the backward recomputes the window's; with the base in the
+    # backward the K controlled steps' first-pass calls go
     logged = min(2, start)
     assert plain[2] == logged + k_window + 1 and late[2] == logged + 1 and plain[3] == late[3] == k_window + 1
     if autocast:  # the base's backward call ran in bf16 as the forward's did: fp32 would differ
