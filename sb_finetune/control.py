@@ -60,8 +60,9 @@ def use_merged_forward(module: torch.nn.Module, on: bool = True) -> int:
     file is unchanged) and each call falls back to peft's own forward wherever the merge would not be the same
     layer: the adapter disabled or merged, several adapters active, DoRA, dropout, a LoRA bias, half-precision weights
     or inputs, autocast (its bf16 copy of W + s·BA would round the small s·BA away), a convolution with groups,
-    dilation or a padding mode other than zeros, or a hook on the layer's parts (`paired_denoiser`'s and
-    `frozen_denoiser`'s, a user's). Returns the number of layers switched. Not for a compute-bound accelerator: with
+    dilation or a padding mode other than zeros, or a hook on the layer's parts (`frozen_denoiser`'s, a user's).
+    `paired_denoiser`'s mask it applies itself: the paired copies' rows split, W + s·BA on the policy's, W on the
+    base's (5 % off a paired call's forward and backward on the peer harness's tiny SD). Returns the number of layers switched. Not for a compute-bound accelerator: with
     a gradient, the merged weight's backward adds one weight-sized GEMM a layer that peft's rank-r path does not make.
     on=False gives every layer peft's own forward back."""
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -87,13 +88,21 @@ def _merged_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if delta is None:
         return type(layer).forward(layer, x, *args, **kwargs)
     weight = base.weight + delta
-    if isinstance(base, torch.nn.Linear):
-        return torch.nn.functional.linear(x, weight, base.bias)
-    return base._conv_forward(x, weight, base.bias)
+    call = ((lambda v, w: torch.nn.functional.linear(v, w, base.bias)) if isinstance(base, torch.nn.Linear)
+            else (lambda v, w: base._conv_forward(v, w, base.bias)))
+    b = _paired_rows(layer.lora_B[layer.active_adapters[0]])
+    if b is None:
+        return call(x, weight)
+    # `paired_denoiser`'s call: rows in copies of b, the adapter's on the even copies, the base's W alone on the odd
+    _check_paired_rows(x.shape[0], b, type(layer).__name__)
+    copies = x.unflatten(0, (x.shape[0] // (2 * b), 2, b))
+    policy, plain = (call(copies[:, i].flatten(0, 1), w).unflatten(0, (-1, b)) for i, w in ((0, weight), (1, base.weight)))
+    return torch.stack([policy, plain], 1).flatten(0, 2)
 
 
 def _merged_delta(layer, base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """s·BA in the base weight's shape for the one active adapter, or None where the merge would not be peft's layer."""
+    """s·BA in the base weight's shape for the one active adapter, or None where the merge would not be peft's layer
+    (`paired_denoiser`'s mask on B is no obstacle: the merged forward applies it itself)."""
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
@@ -101,7 +110,8 @@ def _merged_delta(layer, base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
         return None
     a, b = layer.lora_A[name], layer.lora_B[name]
     if (x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type) or b.bias is not None
-            or any(m._forward_hooks or m._forward_pre_hooks for m in (base, a, b))):
+            or any(m._forward_hooks or m._forward_pre_hooks for m in (base, a)) or b._forward_pre_hooks
+            or (b._forward_hooks and _paired_rows(b) is None)):
         return None
     if isinstance(base, torch.nn.Linear):
         return (b.weight @ a.weight) * layer.scaling[name]
@@ -155,7 +165,8 @@ def paired_denoiser(denoiser: Denoiser, module: torch.nn.Module) -> PairedDenois
     """The policy's and the base's predictions at one state in ONE call of `module`: `denoiser` is the family's, bound
     to the conditioning twice over (`Conditioning.repeat(2)`) on the module the policy calls (DDP-wrapped in training);
     it sees [x; x], and the adapter's output is masked off on the second copy (every LoRA layer's B output times a
-    per-row 0/1), so that copy is the base's prediction exactly and carries no gradient to the adapter. One batch of 2B
+    per-row 0/1; a layer under `use_merged_forward` splits the rows instead, W + s·BA on the first copy, W on the
+    second), so that copy is the base's prediction exactly and carries no gradient to the adapter. One batch of 2B
     instead of two of B: the same arithmetic, less time on models whose calls are not compute-bound.
 
     Rows are matched by position, so each LoRA layer must see the batch first, in whole copies of it (classifier-free
@@ -218,13 +229,24 @@ def _second_copy_masked(outputs: list[torch.nn.Module], b: int):
 
     def hook(mod, args, out):
         rows = out.shape[0]
-        if rows % (2 * b):
-            raise RuntimeError(f"a LoRA layer saw {rows} rows where whole copies of the paired batch ({2 * b} rows) "
-                               f"were expected: {type(mod).__name__} does not see the batch first")
+        _check_paired_rows(rows, b, type(mod).__name__)
         keep = (torch.arange(rows, device=out.device) // b) % 2 == 0
         return out * keep.view(rows, *([1] * (out.dim() - 1))).to(out.dtype)
 
+    hook.paired_rows = b  # the merged forward (`_merged_forward`) reads it and splits the rows itself
     return _forward_hooks(outputs, hook)
+
+
+def _paired_rows(lora_b: torch.nn.Module) -> int | None:
+    """b where `lora_b`'s one forward hook is `_second_copy_masked`'s for a paired batch of b; else None."""
+    hooks = list(lora_b._forward_hooks.values())
+    return getattr(hooks[0], "paired_rows", None) if len(hooks) == 1 else None
+
+
+def _check_paired_rows(rows: int, b: int, layer: str) -> None:
+    if rows % (2 * b):
+        raise RuntimeError(f"a LoRA layer saw {rows} rows where whole copies of the paired batch ({2 * b} rows) "
+                           f"were expected: {layer} does not see the batch first")
 
 
 @contextlib.contextmanager

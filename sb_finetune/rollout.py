@@ -103,11 +103,16 @@ def _reweighted(window_step: Callable, c: float) -> Callable:
 
 
 class _Late:
-    """Where the window steps' KL_k and log-ratio go once their backward has made them (`_KLBaseInBackward`): column k
-    of the rollout's [B, N] `kl` and `log_ratio`, which exist once the loop is done."""
+    """A checkpointed window whose base is called in the backward only: the raw (not checkpointed) `base`, or `policy`,
+    `both` and the adapter's weights `params` for one paired call there (`_PairedInBackward`); and where the window
+    steps' KL_k and log-ratio go once their backward has made them: column k of the rollout's [B, N] `kl` and
+    `log_ratio`, which exist once the loop is done."""
 
-    def __init__(self):
+    def __init__(self, base: Denoiser, policy: Denoiser | None = None, both: PairedDenoiser | None = None,
+                 params: tuple[Tensor, ...] = ()):
+        self.base, self.policy, self.both, self.params = base, policy, both, params
         self.steps: list[int] = []  # the steps whose KL the backward makes
+        self.checked = False  # `_PairedInBackward`: its graph's weights checked against `params` (once a rollout)
         self.kl: Tensor | None = None
         self.log_ratio: Tensor | None = None
 
@@ -147,9 +152,64 @@ class _KLBaseInBackward(torch.autograd.Function):
         return (grads[1] if ctx.needs_input_grad[0] else None), grads[0], None, None, None, None, None
 
 
+class _PairedInBackward(torch.autograd.Function):
+    """μ_θ(x_k) and KL_k of a checkpointed window step whose forward calls the policy alone, without a graph, and whose
+    backward makes the policy's recompute and the base's call as ONE paired call (`both`), with graph. It gives x_k and
+    the adapter's weights (`params`: inputs of this function, so that their gradients reach the weights' accumulators
+    in the one backward, where DDP's hooks wait for them) their exact gradients, and writes KL_k and the log-ratio into
+    `late`; under the forward's autocast, as checkpointing restores it. Where calls are small (`objective.paired_calls`)
+    one call of 2B costs less than two of B; the backward's peak then holds both halves' activations at once."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, policy_mean: Callable[[Tensor], Tensor],
+                both_means: Callable[[Tensor], tuple[Tensor, Tensor]], std: float, z: Tensor, late: _Late, k: int,
+                *params: Tensor):
+        ctx.save_for_backward(x, z)
+        ctx.both_means, ctx.std, ctx.late, ctx.k, ctx.params = both_means, std, late, k, params
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        mean = policy_mean(x)  # no graph: a custom function's forward runs without one
+        return mean, mean.new_zeros(mean.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_mean: Tensor, grad_kl: Tensor):
+        x, z = ctx.saved_tensors
+        device, dtype, enabled = ctx.autocast
+        need_x, need = ctx.needs_input_grad[0], ctx.needs_input_grad[7:]
+        wanted = [p for p, n in zip(ctx.params, need) if n]
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            x_in = x.detach().requires_grad_(need_x)
+            mean, mean_base = ctx.both_means(x_in)
+            kl = step_kl(mean, mean_base, ctx.std)
+            if not ctx.late.checked:
+                _check_leaves(mean, (x_in, *ctx.params))
+                ctx.late.checked = True
+            grads = iter(torch.autograd.grad((mean, kl), [x_in] * need_x + wanted, (grad_mean, grad_kl),
+                                             allow_unused=True))
+        ctx.late.fill(ctx.k, kl.detach(), step_log_ratio(kl, mean, mean_base, z, ctx.std))
+        grad_x = next(grads) if need_x else None
+        return grad_x, None, None, None, None, None, None, *(next(grads) if n else None for n in need)
+
+
+def _check_leaves(out: Tensor, params: tuple[Tensor, ...]) -> None:
+    """Raise if `out`'s graph reads a tensor that needs a gradient and is not in `params`: `_PairedInBackward` would
+    silently give it none."""
+    known, seen, stack = {id(p) for p in params}, set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf that needs a gradient
+        if leaf is not None and id(leaf) not in known:
+            raise ValueError(f"the policy's prediction reads a tensor that needs a gradient ({tuple(leaf.shape)}) but is "
+                             "not in rollout's `params`: the paired backward would give it none")
+        stack.extend(fn for fn, _ in node.next_functions)
+
+
 def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tensor, z: Tensor, compute_kl: bool = True,
-          both: PairedDenoiser | None = None, frozen: Denoiser | None = None, late: _Late | None = None,
-          base_late: Denoiser | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+          both: PairedDenoiser | None = None, frozen: Denoiser | None = None,
+          late: _Late | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One transition x_k → x_{k+1} under the policy; KL_k to the base at the same x_k; the pathwise log-ratio
     (`step_log_ratio`, detached); the transition's mean μ_k; and the step's term of the loss: KL_k, or with `frozen`
     (the policy with its weights held fixed) `path_term`. `both`, if given, makes the two predictions in one call."""
@@ -162,10 +222,17 @@ def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tenso
     if policy is base or not compute_kl:
         mean = transition_mean(schedule, k, x, policy(x, t))
         return mean + std * z, no_kl, no_kl, mean, no_kl
+    if late is not None and std > 0 and late.both is not None:  # the policy, then one paired call in the backward
+        late.steps.append(k)
+        mean, kl = _PairedInBackward.apply(
+            x, lambda x_in: transition_mean(schedule, k, x_in, late.policy(x_in, t)),
+            lambda x_in: tuple(transition_mean(schedule, k, x_in, p) for p in late.both(x_in, t)), std, z, late, k,
+            *late.params)
+        return mean + std * z, kl, kl.detach(), mean, kl
     if late is not None and std > 0:  # the base only in the backward
         mean = transition_mean(schedule, k, x, policy(x, t))
         late.steps.append(k)
-        kl = _KLBaseInBackward.apply(x, mean, lambda x_in: transition_mean(schedule, k, x_in, base_late(x_in, t)), std,
+        kl = _KLBaseInBackward.apply(x, mean, lambda x_in: transition_mean(schedule, k, x_in, late.base(x_in, t)), std,
                                      z, late, k)
         return mean + std * z, kl, kl.detach(), mean, kl
     if both is not None:
@@ -223,6 +290,7 @@ def rollout(
     frozen: Denoiser | None = None,
     inclusion: list[float] | None = None,
     base_in_backward: bool = False,
+    params: tuple[Tensor, ...] = (),
 ) -> Rollout:
     """Run the N-step controlled chain from the start noise `x`.
 
@@ -257,11 +325,16 @@ def rollout(
         and the gradient it passes back along the states left as it is: the full-chain gradient in expectation over
         K, at the random window's cost (DESIGN.md, "Random window"). Not with `kl_backward`, whose steps before the
         window already give their KL's direct gradient.
-    base_in_backward: with `checkpoint`, each window step calls the base in the backward only (`_KLBaseInBackward`):
-        one model call less a step, the same gradient and numbers, but the window's KL_k and log-ratio columns read 0
-        until a backward through them has run (`Rollout.pending` of them), so a caller checks and logs them after it.
-        A step whose KL gets no gradient keeps its 0. Not with `frozen`; ignores `both` in the window, as one call
-        less beats pairing two (benchmarks/README.md, "The base in the backward of a checkpointed window").
+    base_in_backward: with `checkpoint`, each window step calls the base in the backward only: one model call less a
+        step, the same gradient and numbers, but the window's KL_k and log-ratio columns read 0 until a backward through
+        them has run (`Rollout.pending` of them), so a caller checks and logs them after it. A step whose KL gets no
+        gradient keeps its 0. Not with `frozen`. With `both` and `params`, the first pass calls the policy alone, without
+        a graph, and the backward makes the policy's recompute and the base's call as one paired call
+        (`_PairedInBackward`); without them the policy is checkpointed and the base called apart in the backward
+        (`_KLBaseInBackward`). benchmarks/README.md, "The base in the backward of a checkpointed window".
+    params: with `both` and `base_in_backward`, the tensors with a gradient that the policy's prediction reads besides
+        x (the adapter's weights): the paired backward gives gradients to these and x only, and raises if the
+        prediction reads another tensor that needs one.
     """
     n = schedule.num_steps
     controlled = [k for k in range(n) if bool(schedule.controlled[k])]
@@ -282,15 +355,16 @@ def rollout(
     means: list[Tensor] | None = [] if return_means else None
     # checkpointing: each model call on its own (the paired call as one), so the backward recomputes one call at a
     # time, keeping only the states and predictions of the window
-    late = _Late()  # with base_in_backward: the window steps whose KL the backward will fill in
+    late = None  # with base_in_backward: the window steps whose KL the backward will fill in
     if checkpoint:
         wrapped = _checkpointed(policy)
-        if base_in_backward and policy is not base and frozen is None:  # one call less a step: beats pairing the two
-            window_step = functools.partial(_step, wrapped, _checkpointed(base), late=late, base_late=base)
+        paired = None if both is None else _checkpointed(both)
+        if base_in_backward and policy is not base and frozen is None:  # one call less a step than the two passes
+            late = _Late(base, policy, both, tuple(params)) if both is not None and params else _Late(base)
+            window_step = functools.partial(_step, wrapped, _checkpointed(base), both=paired, late=late)
         else:
             window_step = functools.partial(_step, wrapped, wrapped if base is policy else _checkpointed(base),
-                                            both=None if both is None else _checkpointed(both),
-                                            frozen=None if frozen is None else _checkpointed(frozen))
+                                            both=paired, frozen=None if frozen is None else _checkpointed(frozen))
     else:
         window_step = functools.partial(_step, policy, base, both=both, frozen=frozen)
     terms: list[Tensor] = []
@@ -336,8 +410,9 @@ def rollout(
     kl_steps = 0 if not compute_kl or policy is base else len(controlled) - n_before + (kl_sample if defer else n_before)
     path_terms = None if frozen is None else torch.stack(kls[:start] + terms, dim=1)
     out = Rollout(x, torch.stack(kls, dim=1), k_window, trajectory, torch.stack(log_ratios, dim=1), means, kl_steps,
-                  path_terms, len(late.steps))
-    late.kl, late.log_ratio = out.kl.detach(), out.log_ratio  # their columns hold 0 until the backward fills them in
+                  path_terms, 0 if late is None else len(late.steps))
+    if late is not None:  # their columns hold 0 until the backward fills them in
+        late.kl, late.log_ratio = out.kl.detach(), out.log_ratio
     return out
 
 

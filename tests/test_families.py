@@ -195,14 +195,14 @@ def test_qwenimage_trains_and_its_adapter_loads_in_the_stock_pipeline(tmp_path):
 def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit, merged):
     """`paired_denoiser`: one call on [x; x] with the adapter masked off the second copy gives the policy's and the
     base's predictions as two calls do, and the same gradients to the state and the adapter; through a checkpointed
-    rollout window too. (sd: CFG's [uncond; cond] doubling; qwenimage: its true CFG's two calls; flux: tokens.) With the
-    merged LoRA forward on (the trainer's CPU default), the paired call's mask still reaches every layer."""
+    rollout window too, paired in both passes or only in the backward (`base_in_backward` with `params`). (sd: CFG's [uncond; cond] doubling; qwenimage: its true CFG's two calls; flux: tokens.) With the
+    merged LoRA forward on (the trainer's CPU default) each layer splits the paired rows itself, the adapter's merged
+    weight on the first copy and the base's on the second, without calling A or B; under autocast, where it keeps
+    peft's forward, the mask on B's output does it."""
     from sb_finetune.control import base_denoiser, paired_denoiser, use_merged_forward
 
     fam = family_of(TINY_PIPELINES[kit]())
     params = add_lora_control(fam.module, rank=4, target_modules=MERGE_TARGETS[kit] if merged else DEFAULT_TARGETS)
-    if merged:
-        assert use_merged_forward(fam.module) == len(_tuner_layers(fam.module))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in params:  # a control far from zero, so that policy and base differ
@@ -213,6 +213,15 @@ def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit, m
     schedule = fam.schedule(3)
     x = fam.start_noise(fam.latent_shape(2), g, "cpu").requires_grad_(True)
     t = schedule.timesteps[1]
+    if merged:  # under autocast the merged forward steps aside for peft's, and the mask on B's output still applies
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_apart, bf16_together = (policy(x, t), base(x, t)), both(x, t)
+        for a, b in zip(bf16_apart, bf16_together):
+            assert (a - b).abs().max() < 0.05 * a.abs().max(), (a - b).abs().max()
+        assert (bf16_together[0] - bf16_together[1]).abs().max() > 0.1 * (bf16_apart[0] - bf16_apart[1]).abs().max()
+        assert use_merged_forward(fam.module) == len(_tuner_layers(fam.module))
+        for m in _tuner_layers(fam.module):  # the merged forward splits the paired rows itself: A and B are never called
+            m.lora_A["default"].forward = m.lora_B["default"].forward = _never
     apart, together = (policy(x, t), base(x, t)), both(x, t)
     assert (apart[0] - apart[1]).abs().max() > 1e-2
     for a, b in zip(apart, together):
@@ -221,16 +230,19 @@ def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit, m
     for a, b in zip(*grads):
         assert a.norm() > 0 and (a - b).norm() < 1e-4 * a.norm(), (a - b).norm() / a.norm()
 
-    def window(pair):  # a whole-chain window through both predictions, checkpointed
+    def window(pair, late=False):  # a whole-chain window through both predictions, checkpointed
         out = rollout(policy, base, schedule, x.detach(), window=schedule.num_steps, checkpoint=True, both=pair,
-                      generator=torch.Generator().manual_seed(5))
+                      generator=torch.Generator().manual_seed(5), base_in_backward=late, params=params if late else ())
         loss = out.kl.sum() - out.x.square().mean()
-        return out.kl.detach(), torch.autograd.grad(loss, params)
+        grads = torch.autograd.grad(loss, params)
+        return out.kl.detach(), grads  # with `late` the backward has filled the window's KL in
 
-    (kl_apart, g_apart), (kl_together, g_together) = window(None), window(both)
-    assert kl_apart.sum() > 1e-3 and torch.allclose(kl_apart, kl_together, rtol=1e-3, atol=1e-6)
-    for a, b in zip(g_apart, g_together):
-        assert a.norm() > 0 and (a - b).norm() < 1e-4 * a.norm(), (a - b).norm() / a.norm()
+    # apart, paired in both passes, and the policy alone in the first pass then one paired call in the backward
+    (kl_apart, g_apart), *others = window(None), window(both), window(both, late=True)
+    for kl, g in others:
+        assert kl_apart.sum() > 1e-3 and torch.allclose(kl_apart, kl, rtol=1e-3, atol=1e-6)
+        for a, b in zip(g_apart, g):
+            assert a.norm() > 0 and (a - b).norm() < 1e-4 * a.norm(), (a - b).norm() / a.norm()
 
 
 @pytest.mark.parametrize("kit,merged", [("sd", False), ("ddpm", False), ("ddpm", True)])

@@ -395,20 +395,29 @@ def test_checkpointing_turns_itself_on_for_large_latents():
     assert auto_checkpointing(fam, (side, side)) and not auto_checkpointing(fam, (side - 2, side - 2))
 
 
-def test_paired_calls_train_as_two_calls_do_and_turn_themselves_on_for_small_calls(tmp_path):
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_paired_calls_train_as_two_calls_do_and_turn_themselves_on_for_small_calls(tmp_path, monkeypatch, checkpointing):
     """objective.paired_calls: policy and base in one call of the DDP-wrapped module with the conditioning doubled
-    (CFG on) gives the same losses, KL and adapter as two calls; null resolves by the call's size, and config.yaml
+    (CFG on) gives the same losses, KL and adapter as two calls; under checkpointing the paired call is made in the
+    backward only (`rollout._PairedInBackward`, once a window step); null resolves by the call's size, and config.yaml
     keeps what it resolved to."""
+    from sb_finetune import rollout
     from sb_finetune.families import family_of
     from sb_finetune.testing import tiny_sd_pipeline
     from sb_finetune.trainer import AUTO_PAIRED_CALL, auto_paired_calls, train
 
+    made = []
+    apply = rollout._PairedInBackward.apply
+    monkeypatch.setattr(rollout._PairedInBackward, "apply", lambda *a: made.append(a[6]) or apply(*a))
     runs = {}
     for paired in ("true", "false"):
         out = tmp_path / paired
         runs[paired] = train(_smoke(out, "optim.steps=2", "optim.lr=1e-2", "sampler.guidance_scale=4.0",
-                                    "objective.window_min=6", f"objective.paired_calls={paired}"))
+                                    "objective.window_min=6", f"objective.paired_calls={paired}",
+                                    f"objective.checkpointing={checkpointing}"))
         assert f"paired_calls: {paired}" in (out / "config.yaml").read_text()
+    # the window is the whole chain of 6 controlled steps: each step of the paired, checkpointed run made 6
+    assert made == (list(range(6)) * 2 if checkpointing == "true" else [])
     for key in ("loss", "kl", "objective", "grad_norm"):
         a, b = ([h[key] for h in runs[p]["history"]] for p in ("true", "false"))
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
@@ -416,6 +425,8 @@ def test_paired_calls_train_as_two_calls_do_and_turn_themselves_on_for_small_cal
         # rounding flips a few of the near-zero ones: compare the whole tensor
         assert (v - runs["false"]["lora"][k]).norm() <= 1e-2 * v.norm(), (k, (v - runs["false"]["lora"][k]).norm() / v.norm())
     assert any(v.abs().sum() > 0 for k, v in runs["true"]["lora"].items() if "lora_B" in k or "lora.up" in k)
+    if checkpointing == "true":
+        return
 
     fam = family_of(tiny_sd_pipeline(), "auto")
     per_sample = math.prod(fam.latent_shape(1))  # the kit's 32 px: 4·16·16

@@ -10,7 +10,8 @@ the early steps weigh less than in the full chain's gradient. `unbiased_window` 
 gradient by 1/p_j (`rollout.window_inclusion`; the gradient passed back along the states unchanged): E[grad] = Σ_j g_j,
 the full chain's, at the random window's cost, with more variance from the rarely drawn early steps.
 With checkpointing the window calls its base in the backward only (`rollout(base_in_backward=True)`): one model call
-less a step, the same gradient; the window's KL is then made by `backward()` (`Estimate.late`: checked after it).
+less a step, the same gradient; the window's KL is then made by `backward()` (`Estimate.late`: checked after it). With
+paired calls (`Task.both`) the backward makes the policy's recompute and the base's call as one.
 
 path_gradient: what the window's KL part differentiates. "kl": Σ_k KL_k (the Gaussian KL of each step, through the
 states and the predictions). "stl" (sticking the landing, Roeder et al. 2017): Σ_k log q_θ̄(x_{k+1}|x_k) − log
@@ -53,7 +54,7 @@ class Pathwise:
             kl_backward = lambda kl: task.backward(task.alpha * kl.mean())  # noqa: E731
         out = rollout(task.policy, task.base, task.schedule, task.x0, window=k_window, generator=task.generator,
                       checkpoint=self.checkpoint, kl_backward=kl_backward, local=task.local, kl_sample=self.kl_log_steps,
-                      both=task.both, frozen=frozen, base_in_backward=True,
+                      both=task.both, frozen=frozen, base_in_backward=True, params=self._weights(task),
                       inclusion=window_inclusion(self.window, len(task.controlled)) if self.unbiased_window else None)
         r = task.reward(out.x)
         parts = soc_loss(r, out.kl if frozen is None else out.path_terms, task.alpha, out.window)
@@ -66,3 +67,9 @@ class Pathwise:
 
         return Estimate(r.detach(), out.kl.detach(), out.log_ratio, task.alpha, out.window, backward, checks=(parts.loss,),
                         extra={"kl_steps": float(out.kl_steps)}, late=out.pending > 0)
+
+    @staticmethod
+    def _weights(task: Task) -> tuple:
+        """The adapter's weights, for a checkpointed window's paired backward (`rollout(params=...)`); () without a
+        module, where the window calls the policy and the base apart."""
+        return () if task.module is None else tuple(p for p in task.module.parameters() if p.requires_grad)
