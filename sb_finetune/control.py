@@ -62,9 +62,10 @@ def use_merged_forward(module: torch.nn.Module, on: bool = True) -> int:
     or inputs, autocast (its bf16 copy of W + s·BA would round the small s·BA away), a convolution with groups,
     dilation or a padding mode other than zeros, or a hook on the layer's parts (`frozen_denoiser`'s, a user's).
     `paired_denoiser`'s mask it applies itself: the paired copies' rows split, W + s·BA on the policy's, W on the
-    base's (5 % off a paired call's forward and backward on the peer harness's tiny SD). Returns the number of layers switched. Not for a compute-bound accelerator: with
-    a gradient, the merged weight's backward adds one weight-sized GEMM a layer that peft's rank-r path does not make.
-    on=False gives every layer peft's own forward back."""
+    base's (~2–3 % off a paired call's forward and backward on the tiny SD kit, `merged_forward.py --paired`). Returns
+    the number of layers switched. Not for a compute-bound accelerator: with a gradient, the merged weight's backward
+    adds one weight-sized GEMM a layer that peft's rank-r path does not make. on=False gives every layer peft's own
+    forward back."""
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.lora.layer import _ConvNd as LoraConv
 

@@ -195,10 +195,11 @@ def test_qwenimage_trains_and_its_adapter_loads_in_the_stock_pipeline(tmp_path):
 def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit, merged):
     """`paired_denoiser`: one call on [x; x] with the adapter masked off the second copy gives the policy's and the
     base's predictions as two calls do, and the same gradients to the state and the adapter; through a checkpointed
-    rollout window too, paired in both passes or only in the backward (`base_in_backward` with `params`). (sd: CFG's [uncond; cond] doubling; qwenimage: its true CFG's two calls; flux: tokens.) With the
-    merged LoRA forward on (the trainer's CPU default) each layer splits the paired rows itself, the adapter's merged
-    weight on the first copy and the base's on the second, without calling A or B; under autocast, where it keeps
-    peft's forward, the mask on B's output does it."""
+    rollout window too, paired in both passes or only in the backward (`base_in_backward` with `params`). (sd: CFG's
+    [uncond; cond] doubling; qwenimage: its true CFG's two calls; flux: tokens.) With the merged LoRA forward on (the
+    trainer's CPU default) each layer splits the paired rows itself, the adapter's merged weight on the first copy and
+    the base's on the second, without calling A or B; under autocast, where it keeps peft's forward, the mask on B's
+    output does it."""
     from sb_finetune.control import base_denoiser, paired_denoiser, use_merged_forward
 
     fam = family_of(TINY_PIPELINES[kit]())
