@@ -158,7 +158,9 @@ class _PairedInBackward(torch.autograd.Function):
     the adapter's weights (`params`: inputs of this function, so that their gradients reach the weights' accumulators
     in the one backward, where DDP's hooks wait for them) their exact gradients, and writes KL_k and the log-ratio into
     `late`; under the forward's autocast, as checkpointing restores it. Where calls are small (`objective.paired_calls`)
-    one call of 2B costs less than two of B; the backward's peak then holds both halves' activations at once."""
+    one call of 2B costs less than two of B; the backward's peak then holds both halves' activations at once. The model
+    must be deterministic (no active dropout: diffusers' models default to dropout 0, and `from_pretrained` leaves them
+    in eval mode): unlike torch's checkpoint, nothing replays the first pass's random state."""
 
     @staticmethod
     def forward(ctx, x: Tensor, policy_mean: Callable[[Tensor], Tensor],
