@@ -103,16 +103,16 @@ def _reweighted(window_step: Callable, c: float) -> Callable:
 
 
 class _Late:
-    """A checkpointed window whose base is called in the backward only: the raw (not checkpointed) `base`, or `policy`,
-    `both` and the adapter's weights `params` for one paired call there (`_PairedInBackward`); and where the window
-    steps' KL_k and log-ratio go once their backward has made them: column k of the rollout's [B, N] `kl` and
-    `log_ratio`, which exist once the loop is done."""
+    """A checkpointed window whose base is called in the backward only: the raw (not checkpointed) `base`, and with
+    the adapter's weights `params` the raw `policy` and `both` (or None) for `_InBackward`; and where the window steps'
+    KL_k and log-ratio go once their backward has made them: column k of the rollout's [B, N] `kl` and `log_ratio`,
+    which exist once the loop is done."""
 
     def __init__(self, base: Denoiser, policy: Denoiser | None = None, both: PairedDenoiser | None = None,
                  params: tuple[Tensor, ...] = ()):
         self.base, self.policy, self.both, self.params = base, policy, both, params
         self.steps: list[int] = []  # the steps whose KL the backward makes
-        self.checked = False  # `_PairedInBackward`: its graph's weights checked against `params` (once a rollout)
+        self.checked = False  # `_InBackward`: its graph's weights checked against `params` (once a rollout)
         self.kl: Tensor | None = None
         self.log_ratio: Tensor | None = None
 
@@ -152,50 +152,64 @@ class _KLBaseInBackward(torch.autograd.Function):
         return (grads[1] if ctx.needs_input_grad[0] else None), grads[0], None, None, None, None, None
 
 
-class _PairedInBackward(torch.autograd.Function):
+class _InBackward(torch.autograd.Function):
     """μ_θ(x_k) and KL_k of a checkpointed window step whose forward calls the policy alone, without a graph, and whose
-    backward makes the policy's recompute and the base's call as ONE paired call (`both`), with graph. It gives x_k and
-    the adapter's weights (`params`: inputs of this function, so that their gradients reach the weights' accumulators
-    in the one backward, where DDP's hooks wait for them) their exact gradients, and writes KL_k and the log-ratio into
-    `late`; under the forward's autocast, as checkpointing restores it. Where calls are small (`objective.paired_calls`)
-    one call of 2B costs less than two of B; the backward's peak then holds both halves' activations at once. The model
-    must be deterministic (no active dropout: diffusers' models default to dropout 0, and `from_pretrained` leaves them
-    in eval mode): unlike torch's checkpoint, nothing replays the first pass's random state."""
+    backward makes the calls with graph: the policy's recompute and the base's call as ONE paired call (`both_means`,
+    where calls are small: one call of 2B costs less than two of B, and the peak holds both halves' activations), or
+    else the base's call and then the policy's, one after the other (the base's graph freed first: the peak holds one
+    call's). It gives x_k and the adapter's weights (`params`: inputs of this function, so that their gradients reach
+    the weights' accumulators in the one backward, where DDP's hooks wait for them) their exact gradients, and writes
+    KL_k and the log-ratio into `late`; under the forward's autocast, as checkpointing restores it. Without torch's
+    checkpoint the first pass records no graph at all (8–14 % off a digits step at K = 10–19, benchmarks/README.md).
+    The model must be deterministic (no active dropout: diffusers' models default to dropout 0, and `from_pretrained`
+    leaves them in eval mode): unlike torch's checkpoint, nothing replays the first pass's random state."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, policy_mean: Callable[[Tensor], Tensor],
-                both_means: Callable[[Tensor], tuple[Tensor, Tensor]], std: float, z: Tensor, late: _Late, k: int,
+    def forward(ctx, x: Tensor, policy_mean: Callable[[Tensor], Tensor], base_mean: Callable[[Tensor], Tensor],
+                both_means: Callable[[Tensor], tuple[Tensor, Tensor]] | None, std: float, z: Tensor, late: _Late, k: int,
                 *params: Tensor):
-        ctx.save_for_backward(x, z)
-        ctx.both_means, ctx.std, ctx.late, ctx.k, ctx.params = both_means, std, late, k, params
+        ctx.policy_mean, ctx.base_mean, ctx.both_means = policy_mean, base_mean, both_means
+        ctx.std, ctx.late, ctx.k, ctx.params = std, late, k, params
         device = x.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         mean = policy_mean(x)  # no graph: a custom function's forward runs without one
+        ctx.save_for_backward(x, z, mean)
         return mean, mean.new_zeros(mean.shape[0])
 
     @staticmethod
     def backward(ctx, grad_mean: Tensor, grad_kl: Tensor):
-        x, z = ctx.saved_tensors
+        x, z, first = ctx.saved_tensors
         device, dtype, enabled = ctx.autocast
-        need_x, need = ctx.needs_input_grad[0], ctx.needs_input_grad[7:]
+        need_x, need = ctx.needs_input_grad[0], ctx.needs_input_grad[8:]
         wanted = [p for p, n in zip(ctx.params, need) if n]
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             x_in = x.detach().requires_grad_(need_x)
-            mean, mean_base = ctx.both_means(x_in)
-            kl = step_kl(mean, mean_base, ctx.std)
+            if ctx.both_means is not None:  # one paired call: the KL from its two halves
+                mean, mean_base = ctx.both_means(x_in)
+                kl = step_kl(mean, mean_base, ctx.std)
+                outputs, grads_out, grad_x_base = (mean, kl), (grad_mean, grad_kl), None
+            else:  # the base first, its graph gone before the policy's is made; the KL at the first pass's μ_θ
+                mean_in = first.detach().requires_grad_(True)
+                mean_base = ctx.base_mean(x_in)
+                kl = step_kl(mean_in, mean_base, ctx.std)
+                grads_base = torch.autograd.grad(kl, [mean_in] + [x_in] * need_x, grad_kl)
+                mean = ctx.policy_mean(x_in)
+                outputs, grads_out = mean, grad_mean + grads_base[0]
+                grad_x_base = grads_base[1] if need_x else None
             if not ctx.late.checked:
                 _check_leaves(mean, (x_in, *ctx.params))
                 ctx.late.checked = True
-            grads = iter(torch.autograd.grad((mean, kl), [x_in] * need_x + wanted, (grad_mean, grad_kl),
-                                             allow_unused=True))
-        ctx.late.fill(ctx.k, kl.detach(), step_log_ratio(kl, mean, mean_base, z, ctx.std))
+            grads = iter(torch.autograd.grad(outputs, [x_in] * need_x + wanted, grads_out, allow_unused=True))
+        ctx.late.fill(ctx.k, kl.detach(), step_log_ratio(kl, first, mean_base, z, ctx.std))
         grad_x = next(grads) if need_x else None
-        return grad_x, None, None, None, None, None, None, *(next(grads) if n else None for n in need)
+        if grad_x_base is not None:
+            grad_x = grad_x + grad_x_base
+        return grad_x, None, None, None, None, None, None, None, *(next(grads) if n else None for n in need)
 
 
 def _check_leaves(out: Tensor, params: tuple[Tensor, ...]) -> None:
-    """Raise if `out`'s graph reads a tensor that needs a gradient and is not in `params`: `_PairedInBackward` would
-    silently give it none."""
+    """Raise if `out`'s graph reads a tensor that needs a gradient and is not in `params`: `_InBackward` would silently
+    give it none."""
     known, seen, stack = {id(p) for p in params}, set(), [out.grad_fn]
     while stack:
         node = stack.pop()
@@ -224,12 +238,13 @@ def _step(policy: Denoiser, base: Denoiser, schedule: Schedule, k: int, x: Tenso
     if policy is base or not compute_kl:
         mean = transition_mean(schedule, k, x, policy(x, t))
         return mean + std * z, no_kl, no_kl, mean, no_kl
-    if late is not None and std > 0 and late.both is not None:  # the policy, then one paired call in the backward
+    if late is not None and std > 0 and late.params:  # the policy without graph; its calls with graph in the backward
         late.steps.append(k)
-        mean, kl = _PairedInBackward.apply(
-            x, lambda x_in: transition_mean(schedule, k, x_in, late.policy(x_in, t)),
-            lambda x_in: tuple(transition_mean(schedule, k, x_in, p) for p in late.both(x_in, t)), std, z, late, k,
-            *late.params)
+        paired = None if late.both is None else (
+            lambda x_in: tuple(transition_mean(schedule, k, x_in, p) for p in late.both(x_in, t)))
+        mean, kl = _InBackward.apply(x, lambda x_in: transition_mean(schedule, k, x_in, late.policy(x_in, t)),
+                                     lambda x_in: transition_mean(schedule, k, x_in, late.base(x_in, t)), paired, std, z,
+                                     late, k, *late.params)
         return mean + std * z, kl, kl.detach(), mean, kl
     if late is not None and std > 0:  # the base only in the backward
         mean = transition_mean(schedule, k, x, policy(x, t))
@@ -330,13 +345,14 @@ def rollout(
     base_in_backward: with `checkpoint`, each window step calls the base in the backward only: one model call less a
         step, the same gradient and numbers, but the window's KL_k and log-ratio columns read 0 until a backward through
         them has run (`Rollout.pending` of them), so a caller checks and logs them after it. A step whose KL gets no
-        gradient keeps its 0. Not with `frozen`. With `both` and `params`, the first pass calls the policy alone, without
-        a graph, and the backward makes the policy's recompute and the base's call as one paired call
-        (`_PairedInBackward`); without them the policy is checkpointed and the base called apart in the backward
-        (`_KLBaseInBackward`). benchmarks/README.md, "The base in the backward of a checkpointed window".
-    params: with `both` and `base_in_backward`, the tensors with a gradient that the policy's prediction reads besides
-        x (the adapter's weights): the paired backward gives gradients to these and x only, and raises if the
-        prediction reads another tensor that needs one.
+        gradient keeps its 0. Not with `frozen`. With `params`, a window step is `_InBackward`: the first pass calls
+        the policy alone, without a graph, and the backward makes the calls with graph, as one paired call with `both`
+        or the base's and the policy's one after the other; without `params` the policy is checkpointed (torch's) and
+        the base called in the backward apart (`_KLBaseInBackward`). benchmarks/README.md, "The base in the backward
+        of a checkpointed window".
+    params: with `base_in_backward`, the tensors with a gradient that the policy's prediction reads besides x (the
+        adapter's weights): the window's backward gives gradients to these and x only, and raises if the prediction
+        reads another tensor that needs one.
     """
     n = schedule.num_steps
     controlled = [k for k in range(n) if bool(schedule.controlled[k])]
@@ -362,7 +378,7 @@ def rollout(
         wrapped = _checkpointed(policy)
         paired = None if both is None else _checkpointed(both)
         if base_in_backward and policy is not base and frozen is None:  # one call less a step than the two passes
-            late = _Late(base, policy, both, tuple(params)) if both is not None and params else _Late(base)
+            late = _Late(base, policy, both, tuple(params))
             window_step = functools.partial(_step, wrapped, _checkpointed(base), both=paired, late=late)
         else:
             window_step = functools.partial(_step, wrapped, wrapped if base is policy else _checkpointed(base),

@@ -281,17 +281,17 @@ def test_the_base_called_in_the_backward_gives_a_checkpointed_window_its_numbers
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("k_window, unbiased", [(1, False), (6, False), (11, True)])
-def test_a_checkpointed_window_with_paired_calls_calls_the_policy_without_graph_then_one_paired_call_in_the_backward(
+def test_a_checkpointed_window_with_params_calls_the_policy_without_graph_then_its_calls_with_graph_in_the_backward(
         k_window, unbiased, autocast):
-    """`base_in_backward` with `both` and `params` (`_PairedInBackward`): the first pass calls the policy alone, without
-    a graph, and no base in the window; the backward makes one paired call a window step, and no other policy call;
-    the KL, log-ratio and the adapter's and the state's gradients are those of the window that calls the two apart
-    (under autocast too, whose precision the backward keeps)."""
+    """`base_in_backward` with `params` (`_InBackward`): the first pass calls the policy alone, without a graph, and no
+    base in the window; the backward makes one paired call a window step with `both`, else the base's call and the
+    policy's; the KL, log-ratio and the adapter's and the state's gradients are those of the window whose policy is
+    checkpointed by torch (under autocast too, whose precision the backward keeps)."""
     s = _vp_setup()
     x0 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
     inclusion = window_inclusion(None, 11) if unbiased else None
 
-    def run(paired, cast=autocast):
+    def run(way, cast=autocast):  # "torch": no params (torch's checkpoint, `_KLBaseInBackward`); "apart"; "paired"
         base = LinearBase().requires_grad_(False)  # the base's weights frozen; the adapter (control.u) is the policy's
         control = PerStepControl(s, 2)
         calls = {"policy": [], "both": []}  # grad mode of each call
@@ -308,43 +308,49 @@ def test_a_checkpointed_window_with_paired_calls_calls_the_policy_without_graph_
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
             out = rollout(policy, base, s, x, window=k_window, generator=torch.Generator().manual_seed(1),
                           checkpoint=True, base_in_backward=True, inclusion=inclusion, kl_sample=2,
-                          both=both if paired else None, params=(control.u,) if paired else ())
+                          both=both if way == "paired" else None, params=() if way == "torch" else (control.u,))
             first = {"base": base.calls, **{k: list(v) for k, v in calls.items()}}
             soc_loss(out.x.pow(2).sum(1), out.kl, alpha=0.7).loss.backward()
         return out, first, calls, base.calls, control.u.grad, x.grad
 
-    apart, paired = run(False), run(True)
-    assert paired[0].pending == apart[0].pending == k_window
-    torch.testing.assert_close(paired[0].kl, apart[0].kl, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(paired[0].log_ratio, apart[0].log_ratio, atol=1e-6, rtol=1e-5)
-    for a, b in zip(apart[4:], paired[4:]):  # the adapter's; x_0's where the window reaches it
-        assert (a is None) == (b is None) and (a is not None or k_window < 11)
-        if a is not None:
-            # bf16: the paired call's two halves share autocast's cast of x_k, so their gradients to it are summed in
-            # bf16 before the cast back, where the two calls sum them in fp32 (a rounding of the order of 1e-3)
-            assert a.abs().sum() > 0
-            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-2 if autocast else 1e-5)
-    first, calls, base_calls = paired[1:4]
+    ref = run("torch")
     logged = min(2, 11 - k_window)
-    # first pass: every controlled step's policy call without a graph, no paired call, the base only for the logged
-    # steps and the uncontrolled last step; the backward: one paired call with graph a window step, nothing else but
-    # the last step's checkpointed base
-    assert first["policy"] == [False] * 11 and first["both"] == [] and first["base"] == logged + 1
-    assert calls["policy"] == first["policy"] and calls["both"] == [True] * k_window
-    assert base_calls - first["base"] == k_window + 1
-    if autocast:  # the paired call ran in bf16 as the forward's did: fp32 would differ
-        assert (run(True, cast=False)[0].kl - paired[0].kl).abs().max() > 1e-4
+    for way in ("apart", "paired"):
+        ours = run(way)
+        assert ours[0].pending == ref[0].pending == k_window
+        torch.testing.assert_close(ours[0].kl, ref[0].kl, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ours[0].log_ratio, ref[0].log_ratio, atol=1e-6, rtol=1e-5)
+        for a, b in zip(ref[4:], ours[4:]):  # the adapter's; x_0's where the window reaches it
+            assert (a is None) == (b is None) and (a is not None or k_window < 11)
+            if a is not None:
+                # bf16: the paired call's two halves share autocast's cast of x_k, so their gradients to it are summed
+                # in bf16 before the cast back, where two calls sum them in fp32 (a rounding of the order of 1e-3)
+                assert a.abs().sum() > 0
+                torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-2 if autocast and way == "paired" else 1e-5)
+        first, calls, base_calls = ours[1:4]
+        # first pass: every controlled step's policy call without a graph, no paired call, the base only for the
+        # logged steps and the uncontrolled last step; the backward, a window step: one paired call with graph, or the
+        # base's and the policy's; and the last step's checkpointed base
+        assert first["policy"] == [False] * 11 and first["both"] == [] and first["base"] == logged + 1
+        if way == "paired":
+            assert calls["policy"] == first["policy"] and calls["both"] == [True] * k_window
+        else:
+            assert calls["policy"] == first["policy"] + [True] * k_window and calls["both"] == []
+        assert base_calls - first["base"] == k_window + 1
+        if autocast:  # the backward's calls ran in bf16 as the forward's did: fp32 would differ
+            assert (run(way, cast=False)[0].kl - ours[0].kl).abs().max() > 1e-4
 
 
-def test_the_paired_backward_refuses_a_policy_that_reads_a_weight_missing_from_params():
-    """A tensor the policy reads that needs a gradient but is not in `params` would get none from the paired backward:
-    it raises instead, naming `params`."""
+@pytest.mark.parametrize("paired", [True, False])
+def test_the_window_backward_refuses_a_policy_that_reads_a_weight_missing_from_params(paired):
+    """A tensor the policy reads that needs a gradient but is not in `params` would get none from `_InBackward`: it
+    raises instead, naming `params`, paired or apart."""
     s = _vp_setup()
     base = LinearBase()  # its weights need a gradient, and the policy reads them
     control = PerStepControl(s, 2)
     policy = lambda x, t: control(x, t) + 0.3 * base.lin(x)  # noqa: E731
     out = rollout(policy, base, s, torch.randn(4, 2), window=3, generator=torch.Generator().manual_seed(1),
-                  checkpoint=True, base_in_backward=True, both=lambda x, t: (policy(x, t), base(x, t)),
+                  checkpoint=True, base_in_backward=True, both=(lambda x, t: (policy(x, t), base(x, t))) if paired else None,
                   params=(control.u,))
     with pytest.raises(ValueError, match="not in rollout's `params`"):
         out.kl.sum().backward()

@@ -195,7 +195,8 @@ def test_qwenimage_trains_and_its_adapter_loads_in_the_stock_pipeline(tmp_path):
 def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit, merged):
     """`paired_denoiser`: one call on [x; x] with the adapter masked off the second copy gives the policy's and the
     base's predictions as two calls do, and the same gradients to the state and the adapter; through a checkpointed
-    rollout window too, paired in both passes or only in the backward (`base_in_backward` with `params`). (sd: CFG's
+    rollout window too, paired in both passes, or the policy alone in the first pass and its calls, paired or apart,
+    in the backward (`base_in_backward` with `params`). (sd: CFG's
     [uncond; cond] doubling; qwenimage: its true CFG's two calls; flux: tokens.) With the merged LoRA forward on (the
     trainer's CPU default) each layer splits the paired rows itself, the adapter's merged weight on the first copy and
     the base's on the second, without calling A or B; under autocast, where it keeps peft's forward, the mask on B's
@@ -238,8 +239,9 @@ def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit, m
         grads = torch.autograd.grad(loss, params)
         return out.kl.detach(), grads  # with `late` the backward has filled the window's KL in
 
-    # apart, paired in both passes, and the policy alone in the first pass then one paired call in the backward
-    (kl_apart, g_apart), *others = window(None), window(both), window(both, late=True)
+    # apart, paired in both passes, and the policy alone in the first pass then, in the backward, one paired call or
+    # the base's and the policy's apart (`_InBackward`)
+    (kl_apart, g_apart), *others = window(None), window(both), window(both, late=True), window(None, late=True)
     for kl, g in others:
         assert kl_apart.sum() > 1e-3 and torch.allclose(kl_apart, kl, rtol=1e-3, atol=1e-6)
         for a, b in zip(g_apart, g):

@@ -398,17 +398,17 @@ def test_checkpointing_turns_itself_on_for_large_latents():
 @pytest.mark.parametrize("checkpointing", ["false", "true"])
 def test_paired_calls_train_as_two_calls_do_and_turn_themselves_on_for_small_calls(tmp_path, monkeypatch, checkpointing):
     """objective.paired_calls: policy and base in one call of the DDP-wrapped module with the conditioning doubled
-    (CFG on) gives the same losses, KL and adapter as two calls; under checkpointing the paired call is made in the
-    backward only (`rollout._PairedInBackward`, once a window step); null resolves by the call's size, and config.yaml
-    keeps what it resolved to."""
+    (CFG on) gives the same losses, KL and adapter as two calls; under checkpointing every window step is
+    `rollout._InBackward`, whose backward makes the paired call or the two apart; null resolves by the call's size, and
+    config.yaml keeps what it resolved to."""
     from sb_finetune import rollout
     from sb_finetune.families import family_of
     from sb_finetune.testing import tiny_sd_pipeline
     from sb_finetune.trainer import AUTO_PAIRED_CALL, auto_paired_calls, train
 
     made = []
-    apply = rollout._PairedInBackward.apply
-    monkeypatch.setattr(rollout._PairedInBackward, "apply", lambda *a: made.append(a[6]) or apply(*a))
+    apply = rollout._InBackward.apply
+    monkeypatch.setattr(rollout._InBackward, "apply", lambda *a: made.append((a[7], a[3] is not None)) or apply(*a))
     runs = {}
     for paired in ("true", "false"):
         out = tmp_path / paired
@@ -416,8 +416,9 @@ def test_paired_calls_train_as_two_calls_do_and_turn_themselves_on_for_small_cal
                                     "objective.window_min=6", f"objective.paired_calls={paired}",
                                     f"objective.checkpointing={checkpointing}"))
         assert f"paired_calls: {paired}" in (out / "config.yaml").read_text()
-    # the window is the whole chain of 6 controlled steps: each step of the paired, checkpointed run made 6
-    assert made == (list(range(6)) * 2 if checkpointing == "true" else [])
+    # the window is the whole chain of 6 controlled steps: under checkpointing each step makes 6, paired or apart
+    assert made == ([(k, paired) for paired in (True, False) for _ in range(2) for k in range(6)]
+                    if checkpointing == "true" else [])
     for key in ("loss", "kl", "objective", "grad_norm"):
         a, b = ([h[key] for h in runs[p]["history"]] for p in ("true", "false"))
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key

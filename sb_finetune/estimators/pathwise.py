@@ -10,8 +10,9 @@ the early steps weigh less than in the full chain's gradient. `unbiased_window` 
 gradient by 1/p_j (`rollout.window_inclusion`; the gradient passed back along the states unchanged): E[grad] = Σ_j g_j,
 the full chain's, at the random window's cost, with more variance from the rarely drawn early steps.
 With checkpointing the window calls its base in the backward only (`rollout(base_in_backward=True)`): one model call
-less a step, the same gradient; the window's KL is then made by `backward()` (`Estimate.late`: checked after it). With
-paired calls (`Task.both`) the backward makes the policy's recompute and the base's call as one.
+less a step, the same gradient; the window's KL is then made by `backward()` (`Estimate.late`: checked after it). Given
+the adapter's weights (from `Task.module`), the first pass calls the policy without a graph and the backward makes its
+calls (`rollout._InBackward`): with paired calls (`Task.both`) the policy's recompute and the base's call as one.
 
 path_gradient: what the window's KL part differentiates. "kl": Σ_k KL_k (the Gaussian KL of each step, through the
 states and the predictions). "stl" (sticking the landing, Roeder et al. 2017): Σ_k log q_θ̄(x_{k+1}|x_k) − log
@@ -70,6 +71,6 @@ class Pathwise:
 
     @staticmethod
     def _weights(task: Task) -> tuple:
-        """The adapter's weights, for a checkpointed window's paired backward (`rollout(params=...)`); () without a
-        module, where the window calls the policy and the base apart."""
+        """The adapter's weights, for a checkpointed window's `rollout._InBackward` (`rollout(params=...)`); () without
+        a module, where torch's checkpoint recomputes the policy."""
         return () if task.module is None else tuple(p for p in task.module.parameters() if p.requires_grad)
