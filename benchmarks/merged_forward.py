@@ -6,12 +6,18 @@ one whose base is called in the backward only (`rollout(base_in_backward=True)`,
     python benchmarks/merged_forward.py [--rounds 5] [--batch 32]     (~3 minutes)
     python benchmarks/merged_forward.py --base-in-backward             (~3 minutes)
     python benchmarks/merged_forward.py --paired                       (~2 minutes)
+    python benchmarks/merged_forward.py --in-backward                  (~3 minutes)
 
 Each row is the digits default's rollout (its chain, reward and adapter: rank 8 on conv1, conv2 and the attention
 projections, at random non-zero weights) with a fixed gradient window of K steps, batch 32, and its backward; it prints
 the median seconds of each way and their ratio. The loss of both must agree (the same step, to float rounding). The
 merged comparison keeps the base in both passes of a checkpointed window, as its table in benchmarks/README.md was
 measured (before the base moved into the backward).
+
+`--in-backward` times the same digits step with the base in the backward both ways, under the trainer's malloc
+setting: the policy under torch's checkpoint (`rollout` without `params`), or `rollout._InBackward` (the adapter's
+weights as `params`, the trainer's way since 2026-12-05): the policy without a graph in the first pass, the base's
+call and then the policy's with graph in the backward.
 
 `--paired` times the policy's and the base's prediction in one paired call (`control.paired_denoiser`) on the tiny SD
 kit at the peer harness's settings (latent 16, 2 images, CFG 5, LoRA r 4 on the attention projections, one torch
@@ -40,6 +46,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--base-in-backward", action="store_true", help="compare where a checkpointed window calls the base")
     ap.add_argument("--paired", action="store_true", help="compare peft's and the merged forward on paired calls")
+    ap.add_argument("--in-backward", action="store_true", help="compare torch's checkpoint of the policy with "
+                    "rollout._InBackward (the policy without a graph in the first pass)")
     args = ap.parse_args()
     if args.paired:
         return paired(args.rounds)
@@ -52,16 +60,22 @@ def main() -> None:
     policy = fam.denoiser(fam.module, fam.encode(None, 1))
     base = base_denoiser(policy, fam.module)
 
-    def step(k: int, checkpoint: bool, late: bool) -> float:
+    def step(k: int, checkpoint: bool, late: bool, weights: tuple = ()) -> float:
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(fam.latent_shape(args.batch), generator=gen)
         out = rollout(policy, base, schedule, x, window=k, generator=gen, checkpoint=checkpoint, kl_sample=2,
-                      base_in_backward=late)
+                      base_in_backward=late, params=weights)
         r = reward(out.x)
         (cfg.objective.alpha * out.kl.sum(1) - r).mean().backward()
         return float((cfg.objective.alpha * out.kl.detach().sum(1) - r.detach()).mean())  # the window's KL filled in
 
-    if args.base_in_backward:  # the merged forward on in both, as the trainer runs on the CPU
+    if args.in_backward:  # both with the base in the backward only; the merged forward and malloc as the trainer's
+        from sb_finetune.trainer import _release_freed_activations
+
+        _release_freed_activations()
+        use_merged_forward(fam.module)
+        names, rows = ("torch's checkpoint", "_InBackward"), [(1, True), (10, True), (19, True)]
+    elif args.base_in_backward:  # the merged forward on in both, as the trainer runs on the CPU
         use_merged_forward(fam.module)
         names, rows = ("base in both passes", "base in the backward"), [(1, True), (10, True), (19, True)]
     else:
@@ -72,10 +86,13 @@ def main() -> None:
         losses = {}
         for r in range(args.rounds + 1):
             for way in (False, True):
-                if not args.base_in_backward:
+                if not (args.base_in_backward or args.in_backward):
                     use_merged_forward(fam.module, way)
                 t0 = time.perf_counter()
-                losses[way] = step(k, checkpoint, way and args.base_in_backward)
+                if args.in_backward:
+                    losses[way] = step(k, checkpoint, True, tuple(params) if way else ())
+                else:
+                    losses[way] = step(k, checkpoint, way and args.base_in_backward)
                 if r:  # the first round warms up
                     times[way].append(time.perf_counter() - t0)
         one, other = statistics.median(times[False]), statistics.median(times[True])

@@ -27,6 +27,8 @@ TWO_RANK_RUNS = {
     "kl_grad=all": ("optim.steps=4", "optim.lr=1e-2", "objective.kl_grad=all"),
     "stl": ("optim.steps=4", "optim.lr=1e-2", "objective.path_gradient=stl", "objective.checkpointing=true"),
     "checkpointing": ("optim.steps=4", "optim.lr=1e-2", "objective.checkpointing=true"),
+    "checkpointing_apart": ("optim.steps=4", "optim.lr=1e-2", "objective.checkpointing=true",
+                            "objective.paired_calls=false"),
     "adjoint": ("optim.steps=4", "optim.lr=1e-2", "objective.estimator=adjoint", "objective.adjoint_steps=3"),
     "base_pool": ("optim.steps=4", "optim.lr=1e-2", "objective.estimator=base_pool", "objective.pool_size=4",
                   "objective.grad_steps=2", "prompts.list=[a cat]", "output.checkpoint_every=4"),

@@ -318,13 +318,15 @@ def test_eval_grids_are_written_before_during_and_after(tmp_path):
     assert (width, height) == (170 + 3 * 128 + 4 * 2, 2 * 128 + 3 * 2)  # labels; 3 seeds × 2 prompts, 32 px → 128
 
 
-@pytest.mark.parametrize("run", ["kl_grad=window", "kl_grad=all", "stl", "checkpointing", "adjoint", "base_pool",
-                                 "base_pool_contrast"])
+@pytest.mark.parametrize("run", ["kl_grad=window", "kl_grad=all", "stl", "checkpointing", "checkpointing_apart",
+                                 "adjoint", "base_pool", "base_pool_contrast"])
 def test_two_processes_end_with_identical_trained_control(two_ranks, run):
     """With kl_grad=all every step before the window has its own local backward (DDP's no_sync), reduced with the
     window's; Adjoint Matching backpropagates each regressed step on its own, all-reduced with the last; stl calls the
     policy a second time, outside DDP, with its weights held fixed (checkpointed: recomputed in the backward); a
-    checkpointed window calls the base, outside DDP, in the backward only, and checks its KL there; base_pool
+    checkpointed window (`rollout._InBackward`) calls the policy without a graph first, then in the backward the
+    policy and the base paired, or the base outside DDP and the policy apart, the weights' gradients leaving that
+    backward as its outputs, and checks its KL there; base_pool
     regresses each process's own pool (kept in the checkpoint, one file a process) at steps both draw alike, and with
     the contrast target each process its own second control beside it. Were any left out of that all-reduce, the ranks
     would end with different weights."""
