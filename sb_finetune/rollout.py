@@ -160,7 +160,7 @@ class _InBackward(torch.autograd.Function):
     call's). It gives x_k and the adapter's weights (`params`: inputs of this function, so that their gradients reach
     the weights' accumulators in the one backward, where DDP's hooks wait for them) their exact gradients, and writes
     KL_k and the log-ratio into `late`; under the forward's autocast, as checkpointing restores it. Without torch's
-    checkpoint the first pass records no graph at all (8–14 % off a digits step at K = 10–19, benchmarks/README.md).
+    checkpoint the first pass records no graph at all (5–9 % off a digits step at K = 10–19, benchmarks/README.md).
     The model must be deterministic (no active dropout: diffusers' models default to dropout 0, and `from_pretrained`
     leaves them in eval mode): unlike torch's checkpoint, nothing replays the first pass's random state."""
 
