@@ -143,13 +143,21 @@ class _KLBaseInBackward(torch.autograd.Function):
         device, dtype, enabled = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             x_in = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            mean_in = mean.detach().requires_grad_(True)
-            mean_base = ctx.base_mean(x_in)
-            kl = step_kl(mean_in, mean_base, ctx.std)
-            wrt = [mean_in, x_in] if ctx.needs_input_grad[0] else [mean_in]
-            grads = torch.autograd.grad(kl, wrt, grad)
+            kl, mean_base, grad_mean, grad_x = _base_kl_backward(ctx.base_mean, x_in, mean, ctx.std, grad)
         ctx.late.fill(ctx.k, kl.detach(), step_log_ratio(kl, mean, mean_base, z, ctx.std))
-        return (grads[1] if ctx.needs_input_grad[0] else None), grads[0], None, None, None, None, None
+        return grad_x, grad_mean, None, None, None, None, None
+
+
+def _base_kl_backward(base_mean: Callable[[Tensor], Tensor], x_in: Tensor, mean: Tensor, std: float, grad: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """KL_k at the policy's mean `mean` (held as a value) and the base's μ_base(x_in), called here with graph; its
+    vector–Jacobian products with `grad`: (KL_k, μ_base, ∂/∂μ_θ, ∂/∂x_k or None where x_in needs none). The base's graph
+    is gone when it returns."""
+    mean_in = mean.detach().requires_grad_(True)
+    mean_base = base_mean(x_in)
+    kl = step_kl(mean_in, mean_base, std)
+    grads = torch.autograd.grad(kl, [mean_in] + [x_in] * x_in.requires_grad, grad)
+    return kl, mean_base, grads[0], grads[1] if x_in.requires_grad else None
 
 
 class _InBackward(torch.autograd.Function):
@@ -189,13 +197,10 @@ class _InBackward(torch.autograd.Function):
                 kl = step_kl(mean, mean_base, ctx.std)
                 outputs, grads_out, grad_x_base = (mean, kl), (grad_mean, grad_kl), None
             else:  # the base first, its graph gone before the policy's is made; the KL at the first pass's μ_θ
-                mean_in = first.detach().requires_grad_(True)
-                mean_base = ctx.base_mean(x_in)
-                kl = step_kl(mean_in, mean_base, ctx.std)
-                grads_base = torch.autograd.grad(kl, [mean_in] + [x_in] * need_x, grad_kl)
+                kl, mean_base, grad_mean_kl, grad_x_base = _base_kl_backward(ctx.base_mean, x_in, first, ctx.std,
+                                                                             grad_kl)
                 mean = ctx.policy_mean(x_in)
-                outputs, grads_out = mean, grad_mean + grads_base[0]
-                grad_x_base = grads_base[1] if need_x else None
+                outputs, grads_out = mean, grad_mean + grad_mean_kl
             if not ctx.late.checked:
                 _check_leaves(mean, (x_in, *ctx.params))
                 ctx.late.checked = True
@@ -219,7 +224,7 @@ def _check_leaves(out: Tensor, params: tuple[Tensor, ...]) -> None:
         leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf that needs a gradient
         if leaf is not None and id(leaf) not in known:
             raise ValueError(f"the policy's prediction reads a tensor that needs a gradient ({tuple(leaf.shape)}) but is "
-                             "not in rollout's `params`: the paired backward would give it none")
+                             "not in rollout's `params`: the window's backward would give it none")
         stack.extend(fn for fn, _ in node.next_functions)
 
 

@@ -32,8 +32,9 @@ AUTO_CHECKPOINT_LATENT = 4096
 # (latent elements over its rows, CFG's copies included): there the call's fixed cost dominates, and one call of 2B
 # rows costs less than two of B (the harness's tiny SD at latent 16, 4 rows = 4,096: a K = 20 step 20 % faster). Above
 # it a call is compute-bound: on 2 CPU cores the digits default's 32 rows × 256 = 8,192 ran 15 % slower paired (2×
-# with the trainer's 1 MiB mmap threshold, its blocks then mapped fresh). A checkpointed window does not pair (pathwise
-# calls its base in the backward only, which costs less: K = 20 2.28 s against 2.57 s on that harness)
+# with the trainer's 1 MiB mmap threshold, its blocks then mapped fresh). A checkpointed window pairs in the backward
+# only (`rollout._InBackward`: the policy without a graph in the first pass), where the paired call holds both halves'
+# activations at once
 AUTO_PAIRED_CALL = 4096
 
 
