@@ -126,6 +126,24 @@ def has_adapter(module: torch.nn.Module) -> bool:
     return bool(_tuner_layers(getattr(module, "module", module)))
 
 
+def control_is_zero(module: torch.nn.Module) -> bool:
+    """True where every active LoRA update of `module` is exactly zero (its B or its A all zeros, as every peft init
+    leaves a new adapter): the policy's predictions are then the base's, bit for bit. False for anything else, and for
+    layers it cannot read (DoRA, embeddings, a merged adapter): the caller then treats the control as nonzero."""
+    layers = _tuner_layers(getattr(module, "module", module))
+    for layer in layers:
+        if getattr(layer, "merged", False) or any(getattr(layer, "use_dora", {}).values()) \
+                or getattr(layer, "lora_embedding_A", None):
+            return False
+        lora_a, lora_b = getattr(layer, "lora_A", {}), getattr(layer, "lora_B", {})
+        for name in layer.active_adapters:
+            if name not in lora_a or name not in lora_b:
+                return False
+            if not (bool((lora_a[name].weight == 0).all()) or bool((lora_b[name].weight == 0).all())):
+                return False
+    return bool(layers)
+
+
 def _tuner_layers(module: torch.nn.Module) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 

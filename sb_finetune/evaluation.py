@@ -14,27 +14,33 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
-from .control import base_denoiser
+from .control import base_denoiser, control_is_zero
 from .objective import tilted_optimum
 from .plots import save_grid, save_kl_profile, side_by_side
 from .rollout import path_log_ratio, rollout
 
 
 def _rollout_images(fam, module, schedule, cond, n: int, generator: torch.Generator,
-                    resolution: int | None, from_base: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    resolution: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n samples of the current control from fresh noise: (decoded images [n, 3, H, W], per-step KL to the base
-    [n, N], per-step log dP_θ/dP_base of the sampled transitions [n, N]). from_base: sampled from the base model
-    instead, scored against the control (the same log-ratio, now along base paths)."""
+    [n, N], per-step log dP_θ/dP_base of the sampled transitions [n, N])."""
     device = next(module.parameters()).device
     policy = fam.denoiser(module, cond)
-    base = base_denoiser(policy, module)
     x = fam.start_noise(fam.latent_shape(n, resolution, resolution), generator, device)
-    if not from_base:
-        out = rollout(policy, base, schedule, x, window=0, generator=generator)
-        return fam.decode(out.x), out.kl, out.log_ratio
-    out = rollout(base, base, schedule, x, window=0, generator=generator, return_trajectory=True, return_means=True)
-    log_ratio = path_log_ratio(policy, schedule, out.trajectory, out.means)
-    return fam.decode(out.x), out.kl, log_ratio
+    out = rollout(policy, base_denoiser(policy, module), schedule, x, window=0, generator=generator)
+    return fam.decode(out.x), out.kl, out.log_ratio
+
+
+def _base_walk(fam, module, schedule, cond, n: int, generator: torch.Generator, resolution: int | None,
+               keep: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """n paths of the base from fresh noise, one denoiser call a step (the control is not called): decoded images and,
+    where `keep`, the states x_0 … x_N and the base's means, at which any control's log-ratio can be taken
+    (`path_log_ratio`). The generator's draws are those of `_rollout_images`: the same seed, the same noise."""
+    device = next(module.parameters()).device
+    base = base_denoiser(fam.denoiser(module, cond), module)
+    x = fam.start_noise(fam.latent_shape(n, resolution, resolution), generator, device)
+    out = rollout(base, base, schedule, x, window=0, generator=generator, return_trajectory=keep, return_means=keep)
+    return fam.decode(out.x), out.trajectory or [], out.means or []
 
 
 def _size(resolution: int | None) -> tuple[int, int] | None:
@@ -74,18 +80,101 @@ def sample_paths(fam, module, schedule, reward, prompts: list[str], n: int, batc
                  from_base: bool = False) -> Paths:
     """n paths of the current control (or of the base, scored against the control) from a fixed seed, prompts in
     turn. The same seed gives the same base paths whatever the control (from_base, or before training)."""
+    if from_base:
+        walks = draw_base_paths(fam, module, schedule, reward, prompts, n, batch, seed, guidance_scale, negative_prompt,
+                           resolution, keep=True)
+        return score_base_paths(walks, fam, module, schedule)
     device = next(module.parameters()).device
     g = torch.Generator(device).manual_seed(seed)
     images, rewards, kls, ratios = [], [], [], []
     for start in range(0, n, batch):
         chunk = [prompts[i % len(prompts)] for i in range(start, min(start + batch, n))]
         cond = fam.encode(chunk, len(chunk), guidance_scale, negative_prompt or None, _size(resolution))
-        decoded, kl, log_ratio = _rollout_images(fam, module, schedule, cond, len(chunk), g, resolution, from_base)
+        decoded, kl, log_ratio = _rollout_images(fam, module, schedule, cond, len(chunk), g, resolution)
         images.append(decoded.cpu())
         rewards.append(reward(decoded, chunk).float().cpu())
         kls.append(kl.cpu())
         ratios.append(log_ratio.cpu())
     return Paths(torch.cat(images), torch.cat(rewards), torch.cat(kls), torch.cat(ratios))
+
+
+# the summary's base paths (their states x_0 … x_N and means, (2N + 1) latents a path, and images) are kept for the
+# summary after training up to this size; larger ones (a 1024² model's) are drawn again instead
+KEEP_BASE_PATHS_BYTES = 512 * 2**20
+
+
+@dataclass
+class BasePaths:
+    """n base paths from a fixed seed: their Paths (KL and log-ratio zero: the base against itself) and, chunk by chunk,
+    the prompts, states x_0 … x_N and base means (empty where not kept). `key` is what drew them: the summary after
+    training reuses them only where its own draw would be the same (seed, n, chunking, prompts, guidance, grid)."""
+
+    paths: Paths
+    chunks: list[tuple[list[str], list[torch.Tensor], list[torch.Tensor]]]
+    key: tuple
+    guidance_scale: float = 1.0
+    negative_prompt: str | None = None
+    resolution: int | None = None
+
+    @property
+    def kept(self) -> bool:
+        return all(trajectory for _, trajectory, _ in self.chunks)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.paths.images, self.paths.reward] + [s for _, t, m in self.chunks for s in t + m]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _paths_key(schedule, prompts: list[str], n: int, batch: int, seed: int, guidance_scale: float,
+               negative_prompt: str | None, resolution: int | None) -> tuple:
+    return (n, batch, seed, guidance_scale, negative_prompt or None, resolution, tuple(prompts),
+            tuple(schedule.timesteps.tolist()), tuple(schedule.std.tolist()))
+
+
+@torch.no_grad()
+def draw_base_paths(fam, module, schedule, reward, prompts: list[str], n: int, batch: int, seed: int = 12345,
+                    guidance_scale: float = 1.0, negative_prompt: str | None = None, resolution: int | None = None,
+                    keep: bool = True, score: bool = False) -> BasePaths:
+    """n base paths from a fixed seed, prompts in turn, as `sample_paths` draws the control's (the same noise), at one
+    denoiser call a step. `keep`: also their states, where they fit in `KEEP_BASE_PATHS_BYTES`; `score`: their
+    log dP_θ/dP_base under the current control, taken chunk by chunk as they are drawn (else zero: the base against
+    itself)."""
+    device = next(module.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
+    latent = fam.latent_shape(1, resolution, resolution)
+    keep = keep and n * (2 * schedule.num_steps + 1) * math.prod(latent) * 4 <= KEEP_BASE_PATHS_BYTES
+    images, rewards, ratios, chunks = [], [], [], []
+    for start in range(0, n, batch):
+        chunk = [prompts[i % len(prompts)] for i in range(start, min(start + batch, n))]
+        cond = fam.encode(chunk, len(chunk), guidance_scale, negative_prompt or None, _size(resolution))
+        decoded, trajectory, means = _base_walk(fam, module, schedule, cond, len(chunk), g, resolution, keep or score)
+        images.append(decoded.cpu())
+        rewards.append(reward(decoded, chunk).float().cpu())
+        if score:
+            ratios.append(path_log_ratio(fam.denoiser(module, cond), schedule, trajectory, means).cpu())
+        chunks.append((chunk, [v.cpu() for v in trajectory] if keep else [], [v.cpu() for v in means] if keep else []))
+    zeros = torch.zeros(n, schedule.num_steps)
+    return BasePaths(Paths(torch.cat(images), torch.cat(rewards), zeros, torch.cat(ratios) if score else zeros.clone()),
+                     chunks, _paths_key(schedule, prompts, n, batch, seed, guidance_scale, negative_prompt, resolution),
+                     guidance_scale, negative_prompt, resolution)
+
+
+@torch.no_grad()
+def score_base_paths(walks: BasePaths, fam, module, schedule) -> Paths:
+    """`walks`' paths with the current control's per-step log dP_θ/dP_base along them: one policy call a step at the
+    kept states (`path_log_ratio`), the base not called again."""
+    if not walks.kept:
+        raise ValueError("these base paths were drawn without their states (keep=False): draw them again to score them")
+    device = next(module.parameters()).device
+    ratios = []
+    for chunk, trajectory, means in walks.chunks:
+        cond = fam.encode(chunk, len(chunk), walks.guidance_scale, walks.negative_prompt or None, _size(walks.resolution))
+        policy = fam.denoiser(module, cond)
+        ratios.append(path_log_ratio(policy, schedule, [s.to(device) for s in trajectory],
+                                     [m.to(device) for m in means]).cpu())
+    p = walks.paths
+    return Paths(p.images, p.reward, p.kl, torch.cat(ratios))
 
 
 def mixture_optimum(base_paths: Paths, paths: Paths, alpha: float):
@@ -134,21 +223,32 @@ def _scores(reward, images: torch.Tensor, prompts: list[str], device, batch: int
 @torch.no_grad()
 def summarize(fam, module, schedule, reward, prompts: list[str], n: int, batch: int, seed: int = 12345,
               guidance_scale: float = 1.0, negative_prompt: str | None = None, resolution: int | None = None,
-              alpha: float = 1.0, optimum: str | None = None, held_out: dict | None = None) -> tuple[dict, torch.Tensor]:
+              alpha: float = 1.0, optimum: str | None = None, held_out: dict | None = None,
+              base: BasePaths | None = None) -> tuple[dict, torch.Tensor, BasePaths | None]:
     """On n fresh samples of the current control (fixed seed): reward mean/std, path KL to the base (nats) and per
     step, the objective alpha·KL − E[R], and the reward's own `metrics(images)` if it has one. Returns (numbers,
-    images).
+    images, the base paths drawn or used, if any).
 
-    optimum="base": the control is still the base's; estimate what the optimal control reaches (`tilted_optimum`)
-    from these samples under numbers["optimum"] (the reward's metrics reweighted to p* where it takes `weights`).
-    optimum="both": also draw n base paths (the same seed: the same paths as "base" gave) scored against the
-    control, and estimate the optimum from both sets (far more effective samples once the control is near it);
-    numbers["gap"] is then the distance to it: the objective's excess alpha·KL(P_θ ‖ P*) on paths, estimated path
-    by path as alpha·Σ log dP_θ/dP_base − R + alpha·log Z* (± its standard error), and the KL's excess.
+    optimum="base": estimate what the optimal control reaches (`tilted_optimum`) from n base samples under
+    numbers["optimum"] (the reward's metrics reweighted to p* where it takes `weights`). Where the control is still
+    the base's (`control_is_zero`: before training from a fresh adapter) its samples ARE those base samples, drawn
+    once at one denoiser call a step; otherwise (`control.init_from`) the base's are drawn beside them.
+    optimum="both": also n base paths (the same seed: the same paths as "base" gave; `base`, those paths kept from
+    then, where they match this draw, else drawn again) scored against the control, and the optimum estimated from
+    both sets (far more effective samples once the control is near it); numbers["gap"] is then the distance to it:
+    the objective's excess alpha·KL(P_θ ‖ P*) on paths, estimated path by path as alpha·Σ log dP_θ/dP_base − R +
+    alpha·log Z* (± its standard error), and the KL's excess.
     held_out: {name: reward} scored on the samples (numbers["eval/<name>"]) and reweighted to p* (the optimum's)."""
     device = next(module.parameters()).device
     args = (fam, module, schedule, reward, prompts, n, batch, seed, guidance_scale, negative_prompt, resolution)
-    paths = sample_paths(*args)
+    key = _paths_key(schedule, prompts, n, batch, seed, guidance_scale, negative_prompt, resolution)
+    if base is not None and (base.key != key or not base.kept):
+        base = None  # drawn otherwise: not the paths this summary would draw
+    if optimum == "base" and control_is_zero(module):
+        base = draw_base_paths(*args)
+        paths = base.paths
+    else:
+        paths = sample_paths(*args)
     kl = paths.kl.sum(1)
     numbers = {"reward_mean": float(paths.reward.mean()), "reward_std": float(paths.reward.std()), "kl": float(kl.mean()),
                "objective": alpha * float(kl.mean()) - float(paths.reward.mean()),
@@ -158,21 +258,28 @@ def summarize(fam, module, schedule, reward, prompts: list[str], n: int, batch: 
     scores = {name: _scores(r, paths.images, prompts, device) for name, r in (held_out or {}).items()}
     numbers.update({f"eval/{name}": float(v.mean()) for name, v in scores.items()})
     if optimum == "base":
-        best = tilted_optimum(paths.reward, alpha)
+        base = base or draw_base_paths(*args)
+        base_scores = scores if base.paths is paths else {
+            name: _scores(r, base.paths.images, prompts, device) for name, r in (held_out or {}).items()}
+        best = tilted_optimum(base.paths.reward, alpha)
         numbers["optimum"] = {**best.numbers(), "estimated_from": f"{n} base samples",
-                              **_weighted_metrics(reward, paths.images, best.weights, device),
-                              **{f"eval/{name}": float((best.weights * v).sum()) for name, v in scores.items()}}
+                              **_weighted_metrics(reward, base.paths.images, best.weights, device),
+                              **{f"eval/{name}": float((best.weights * v).sum()) for name, v in base_scores.items()}}
     elif optimum == "both":
-        base_paths = sample_paths(*args, from_base=True)
-        best = mixture_optimum(base_paths, paths, alpha)
-        images = torch.cat([base_paths.images, paths.images])
-        base_scores = {name: _scores(r, base_paths.images, prompts, device) for name, r in (held_out or {}).items()}
+        if base is None:
+            base = draw_base_paths(*args, keep=False, score=True)
+            base_scored = base.paths
+        else:
+            base_scored = score_base_paths(base, fam, module, schedule)
+        best = mixture_optimum(base_scored, paths, alpha)
+        images = torch.cat([base_scored.images, paths.images])
+        base_scores = {name: _scores(r, base_scored.images, prompts, device) for name, r in (held_out or {}).items()}
         numbers["optimum"] = {**best.numbers(), "estimated_from": f"{n} base and {n} trained samples",
                               **_weighted_metrics(reward, images, best.weights, device),
                               **{f"eval/{name}": float((best.weights * torch.cat([base_scores[name], v])).sum())
                                  for name, v in scores.items()}}
         numbers["gap"] = distance(paths, alpha, best)
-    return numbers, paths.images
+    return numbers, paths.images, base
 
 
 def make_evaluator(accelerator, cfg: Config, fam, module, schedule, prompts: list[str], reward,
@@ -256,20 +363,24 @@ class KLAlarm:
 
 
 def write_summary(accelerator, cfg: Config, fam, module, schedule, reward, prompts: list[str], when: str,
-                  extra: dict | None = None, held_out: dict | None = None) -> dict | None:
+                  extra: dict | None = None, held_out: dict | None = None,
+                  base: BasePaths | None = None) -> tuple[dict | None, BasePaths | None]:
     """With logging.summary_samples: numbers on fresh samples "before"/"after" training → summary.json (with the
     held-out rewards' means as eval/<name>), samples_<when>.png (the first 64, upscaled) and, after,
-    samples_before_after.png. Returns the optimum's numbers (None where off): the curves' reference.
+    samples_before_after.png. Returns the optimum's numbers (None where off), the curves' reference, and the summary's
+    base paths where they fit in `KEEP_BASE_PATHS_BYTES` (else None): given back as `base` after training, they spare
+    drawing the same paths again.
 
     summary.json's "optimum" is what the best control reaches, p_base tilted by exp(R/alpha): from the base samples
     before training, then from the base and the trained samples together ("optimum_base_only" keeps the first);
     "gap_after" is the trained control's distance to it, in nats."""
     if not cfg.logging.summary_samples or not accelerator.is_main_process:
-        return None
-    numbers, images = summarize(fam, getattr(module, "module", module), schedule, reward, prompts,
+        return None, None
+    numbers, images, base = summarize(fam, getattr(module, "module", module), schedule, reward, prompts,
                                 cfg.logging.summary_samples, 4 * cfg.optim.batch_size, guidance_scale=cfg.sampler.guidance_scale,
                                 negative_prompt=cfg.sampler.negative_prompt, resolution=cfg.model.resolution,
-                                alpha=cfg.objective.alpha, optimum="base" if when == "before" else "both", held_out=held_out)
+                                alpha=cfg.objective.alpha, optimum="base" if when == "before" else "both", held_out=held_out,
+                                      base=base)
     optimum = numbers.pop("optimum", None)
     out = cfg.output.dir
     save_grid(images[:64], 8, os.path.join(out, f"samples_{when}.png"), tile=96)
@@ -294,7 +405,8 @@ def write_summary(accelerator, cfg: Config, fam, module, schedule, reward, promp
     accelerator.print(f"summary ({when}): " + _fmt(numbers))
     if optimum:
         accelerator.print(f"optimum (from {optimum['estimated_from']}): " + _fmt(optimum))
-    return summary.get("optimum")
+    keep = base is not None and base.kept and base.nbytes <= KEEP_BASE_PATHS_BYTES
+    return summary.get("optimum"), base if keep else None
 
 
 def _fmt(numbers: dict) -> str:

@@ -193,10 +193,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     if cfg.logging.tracker != "none":
         accelerator.init_trackers(cfg.logging.project)
     evaluate = make_evaluator(accelerator, cfg, fam, module, schedule, prompts, reward, held_out)
-    started, start, optimum = time.time(), {}, _saved_optimum(out_dir)
+    started, start, optimum, base_paths = time.time(), {}, _saved_optimum(out_dir), None
     if counters.step == 0:
         start = evaluate(0)
-        optimum = write_summary(accelerator, cfg, fam, module, schedule, reward, prompts, "before", held_out=held_out)
+        optimum, base_paths = write_summary(accelerator, cfg, fam, module, schedule, reward, prompts, "before",
+                                            held_out=held_out)  # the base paths, kept: the summary after scores them
         if optimum and cfg.logging.tracker != "none":  # the reference every curve is read against
             accelerator.log({f"optimum/{k}": v for k, v in optimum.items() if isinstance(v, (int, float))}, step=0)
     alarm = KLAlarm(cfg.logging.kl_alarm, cfg.logging.kl_alarm_stop)
@@ -290,7 +291,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         history[-1].update(evaluate(counters.step))
     optimum = write_summary(accelerator, cfg, fam, module, schedule, reward, prompts, "after",
                             {"steps": counters.step, "seconds": round(time.time() - started, 1), "peak_rss_mb": _peak_rss_mb()},
-                            held_out) or optimum
+                            held_out, base_paths)[0] or optimum
     if accelerator.is_main_process and history:
         save_curves(history, os.path.join(out_dir, "curves.png"), optimum, start)
 

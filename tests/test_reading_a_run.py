@@ -88,3 +88,54 @@ def test_kl_alarm_warns_once_and_can_stop_the_run(tmp_path):
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     with pytest.raises(ConfigError, match="logging.kl_alarm"):
         load_config(None, ["logging.kl_alarm=0"])
+
+
+def test_the_summary_draws_the_base_paths_once_and_scores_the_trained_control_along_them():
+    """summary.json's before and after rest on the same base paths (one seed): before training, with the adapter
+    still zero, the control's samples ARE those paths, drawn at one denoiser call a step; after, the kept paths are
+    scored along their states (one policy call a step), not drawn again. Every number is the one a fresh draw gives,
+    bit for bit; the model sees 1 and 3 rows a path and step instead of 2 and 4. A control that starts nonzero
+    (`control.init_from`) gets its optimum from the base's own paths, not from its samples."""
+    from sb_finetune.control import add_lora_control, control_is_zero
+    from sb_finetune.evaluation import draw_base_paths, sample_paths, summarize
+    from sb_finetune.families import family_of
+    from sb_finetune.objective import tilted_optimum
+    from sb_finetune.testing import TINY_PIPELINES
+
+    fam = family_of(TINY_PIPELINES["sd"]())
+    params = add_lora_control(fam.module, rank=4)
+    schedule, prompts, n, chunk = fam.schedule(4), ["a cat", "a red square", "a dog"], 10, 4
+    reward = lambda images, shown: images.mean((1, 2, 3)) * 8 - 4 * torch.tensor(  # noqa: E731  (depends on the prompt)
+        [float(p == "a dog") for p in shown])
+    held_out = {"brightness": lambda images, shown: images.mean((1, 2, 3))}
+    rows = []
+    fam.module.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+
+    def summary(optimum, base=None):
+        rows.clear()
+        numbers, images, kept = summarize(fam, fam.module, schedule, reward, prompts, n, chunk, seed=7, guidance_scale=3.0,
+                                          alpha=0.5, optimum=optimum, held_out=held_out, base=base)
+        return numbers, kept, sum(rows) // 2  # classifier-free guidance: [uncond; cond] a call
+
+    assert control_is_zero(fam.module)
+    before, kept, seen = summary("base")
+    assert seen == n * schedule.num_steps and kept.kept  # the base alone, once
+    rows_apart = sample_paths(fam, fam.module, schedule, reward, prompts, n, chunk, seed=7, guidance_scale=3.0)
+    assert before["kl"] == 0 and before["reward_mean"] == float(rows_apart.reward.mean())
+    fresh = tilted_optimum(rows_apart.reward, 0.5).numbers()
+    assert {k: before["optimum"][k] for k in fresh} == fresh
+    assert before["optimum"]["eval/brightness"] != before["eval/brightness"]  # reweighted to the optimum
+
+    with torch.no_grad():  # "training": the control moves
+        for p in params:
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    assert not control_is_zero(fam.module)
+    after_kept, _, seen_kept = summary("both", kept)
+    after_fresh, _, seen_fresh = summary("both")
+    assert after_kept == after_fresh and after_kept["gap"]["objective"] > 0
+    assert (seen_kept, seen_fresh) == (3 * n * schedule.num_steps, 4 * n * schedule.num_steps)
+    other = draw_base_paths(fam, fam.module, schedule, reward, prompts, n, chunk, seed=8, guidance_scale=3.0)
+    assert summary("both", other)[0] == after_fresh  # kept paths of another draw are not used
+
+    started, _, _ = summary("base")  # a control loaded before the first step: the optimum is still the base's
+    assert started["kl"] > 0 and {k: started["optimum"][k] for k in fresh} == fresh
