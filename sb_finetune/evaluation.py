@@ -81,9 +81,8 @@ def sample_paths(fam, module, schedule, reward, prompts: list[str], n: int, batc
     """n paths of the current control (or of the base, scored against the control) from a fixed seed, prompts in
     turn. The same seed gives the same base paths whatever the control (from_base, or before training)."""
     if from_base:
-        walks = draw_base_paths(fam, module, schedule, reward, prompts, n, batch, seed, guidance_scale, negative_prompt,
-                           resolution, keep=True)
-        return score_base_paths(walks, fam, module, schedule)
+        return draw_base_paths(fam, module, schedule, reward, prompts, n, batch, seed, guidance_scale, negative_prompt,
+                               resolution, keep=False, score=True).paths
     device = next(module.parameters()).device
     g = torch.Generator(device).manual_seed(seed)
     images, rewards, kls, ratios = [], [], [], []
@@ -376,11 +375,11 @@ def write_summary(accelerator, cfg: Config, fam, module, schedule, reward, promp
     "gap_after" is the trained control's distance to it, in nats."""
     if not cfg.logging.summary_samples or not accelerator.is_main_process:
         return None, None
-    numbers, images, base = summarize(fam, getattr(module, "module", module), schedule, reward, prompts,
-                                cfg.logging.summary_samples, 4 * cfg.optim.batch_size, guidance_scale=cfg.sampler.guidance_scale,
-                                negative_prompt=cfg.sampler.negative_prompt, resolution=cfg.model.resolution,
-                                alpha=cfg.objective.alpha, optimum="base" if when == "before" else "both", held_out=held_out,
-                                      base=base)
+    numbers, images, base = summarize(
+        fam, getattr(module, "module", module), schedule, reward, prompts, cfg.logging.summary_samples,
+        4 * cfg.optim.batch_size, guidance_scale=cfg.sampler.guidance_scale, negative_prompt=cfg.sampler.negative_prompt,
+        resolution=cfg.model.resolution, alpha=cfg.objective.alpha, optimum="base" if when == "before" else "both",
+        held_out=held_out, base=base)
     optimum = numbers.pop("optimum", None)
     out = cfg.output.dir
     save_grid(images[:64], 8, os.path.join(out, f"samples_{when}.png"), tile=96)

@@ -90,7 +90,7 @@ def test_kl_alarm_warns_once_and_can_stop_the_run(tmp_path):
         load_config(None, ["logging.kl_alarm=0"])
 
 
-def test_the_summary_draws_the_base_paths_once_and_scores_the_trained_control_along_them():
+def test_the_summary_draws_the_base_paths_once_and_scores_the_trained_control_along_them(monkeypatch):
     """summary.json's before and after rest on the same base paths (one seed): before training, with the adapter
     still zero, the control's samples ARE those paths, drawn at one denoiser call a step; after, the kept paths are
     scored along their states (one policy call a step), not drawn again. Every number is the one a fresh draw gives,
@@ -139,3 +139,13 @@ def test_the_summary_draws_the_base_paths_once_and_scores_the_trained_control_al
 
     started, _, _ = summary("base")  # a control loaded before the first step: the optimum is still the base's
     assert started["kl"] > 0 and {k: started["optimum"][k] for k in fresh} == fresh
+
+    from sb_finetune import evaluation
+
+    monkeypatch.setattr(evaluation, "KEEP_BASE_PATHS_BYTES", 1)  # paths too large to keep: drawn again, as before
+    too_large = draw_base_paths(fam, fam.module, schedule, reward, prompts, n, chunk, seed=7, guidance_scale=3.0)
+    assert not too_large.kept
+    assert summary("both", too_large)[0] == after_fresh
+    scored = sample_paths(fam, fam.module, schedule, reward, prompts, n, chunk, seed=7, guidance_scale=3.0,
+                          from_base=True)
+    assert scored.log_ratio.abs().sum() > 0 and torch.equal(scored.reward, too_large.paths.reward)
