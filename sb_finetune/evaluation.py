@@ -229,7 +229,8 @@ def summarize(fam, module, schedule, reward, prompts: list[str], n: int, batch: 
     images, the base paths drawn or used, if any).
 
     optimum="base": estimate what the optimal control reaches (`tilted_optimum`) from n base samples under
-    numbers["optimum"] (the reward's metrics reweighted to p* where it takes `weights`). Where the control is still
+    numbers["optimum"] (the reward's metrics reweighted to p* where it takes `weights`), and numbers["gap"], the
+    control's distance to it (as below: for the base itself alpha·KL(P_base ‖ P*)). Where the control is still
     the base's (`control_is_zero`: before training from a fresh adapter) its samples ARE those base samples, drawn
     once at one denoiser call a step; otherwise (`control.init_from`) the base's are drawn beside them.
     optimum="both": also n base paths (the same seed: the same paths as "base" gave; `base`, those paths kept from
@@ -264,6 +265,7 @@ def summarize(fam, module, schedule, reward, prompts: list[str], n: int, batch: 
         numbers["optimum"] = {**best.numbers(), "estimated_from": f"{n} base samples",
                               **_weighted_metrics(reward, base.paths.images, best.weights, device),
                               **{f"eval/{name}": float((best.weights * v).sum()) for name, v in base_scores.items()}}
+        numbers["gap"] = distance(paths, alpha, best)  # where training starts: the base's own, or a loaded control's
     elif optimum == "both":
         if base is None:
             base = draw_base_paths(*args, keep=False, score=True)
@@ -372,7 +374,7 @@ def write_summary(accelerator, cfg: Config, fam, module, schedule, reward, promp
 
     summary.json's "optimum" is what the best control reaches, p_base tilted by exp(R/alpha): from the base samples
     before training, then from the base and the trained samples together ("optimum_base_only" keeps the first);
-    "gap_after" is the trained control's distance to it, in nats."""
+    "gap_before" / "gap_after" are the control's distance to it before and after training, in nats."""
     if not cfg.logging.summary_samples or not accelerator.is_main_process:
         return None, None
     numbers, images, base = summarize(

@@ -3,6 +3,7 @@ the KL per sampling step, readable grids, and an alarm when the KL runs away."""
 
 import glob
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -125,6 +126,10 @@ def test_the_summary_draws_the_base_paths_once_and_scores_the_trained_control_al
     fresh = tilted_optimum(rows_apart.reward, 0.5).numbers()
     assert {k: before["optimum"][k] for k in fresh} == fresh
     assert before["optimum"]["eval/brightness"] != before["eval/brightness"]  # reweighted to the optimum
+    # where training starts: the base's distance alpha·KL(P_base ‖ P*) = alpha·log Z* − E_base[R] > 0
+    assert before["gap"]["objective"] == pytest.approx(0.5 * math.log(float(
+        torch.exp(rows_apart.reward.double() / 0.5).mean())) - float(rows_apart.reward.double().mean()), rel=1e-6)
+    assert before["gap"]["objective"] > 0
 
     with torch.no_grad():  # "training": the control moves
         for p in params:
@@ -139,6 +144,9 @@ def test_the_summary_draws_the_base_paths_once_and_scores_the_trained_control_al
 
     started, _, _ = summary("base")  # a control loaded before the first step: the optimum is still the base's
     assert started["kl"] > 0 and {k: started["optimum"][k] for k in fresh} == fresh
+    # its distance to the base's optimum: by the per-step KL, its objective less the optimum's
+    assert started["gap"]["objective_by_kl"] == pytest.approx(started["objective"] - started["optimum"]["objective"])
+    assert started["gap"]["objective"] > before["gap"]["objective"]  # this random control is farther than the base
 
     from sb_finetune import evaluation
 
