@@ -74,6 +74,15 @@ class Paths:
     log_ratio: torch.Tensor
 
 
+def _prompt_chunks(fam, prompts: list[str], n: int, batch: int, guidance_scale: float, negative_prompt: str | None,
+                   resolution: int | None):
+    """(prompts, conditioning) of n samples in chunks of `batch`, prompts in turn: the control's paths and the base's
+    are chunked alike, so that one seed draws the same noise for both."""
+    for start in range(0, n, batch):
+        chunk = [prompts[i % len(prompts)] for i in range(start, min(start + batch, n))]
+        yield chunk, fam.encode(chunk, len(chunk), guidance_scale, negative_prompt or None, _size(resolution))
+
+
 @torch.no_grad()
 def sample_paths(fam, module, schedule, reward, prompts: list[str], n: int, batch: int, seed: int = 12345,
                  guidance_scale: float = 1.0, negative_prompt: str | None = None, resolution: int | None = None,
@@ -86,9 +95,7 @@ def sample_paths(fam, module, schedule, reward, prompts: list[str], n: int, batc
     device = next(module.parameters()).device
     g = torch.Generator(device).manual_seed(seed)
     images, rewards, kls, ratios = [], [], [], []
-    for start in range(0, n, batch):
-        chunk = [prompts[i % len(prompts)] for i in range(start, min(start + batch, n))]
-        cond = fam.encode(chunk, len(chunk), guidance_scale, negative_prompt or None, _size(resolution))
+    for chunk, cond in _prompt_chunks(fam, prompts, n, batch, guidance_scale, negative_prompt, resolution):
         decoded, kl, log_ratio = _rollout_images(fam, module, schedule, cond, len(chunk), g, resolution)
         images.append(decoded.cpu())
         rewards.append(reward(decoded, chunk).float().cpu())
@@ -144,9 +151,7 @@ def draw_base_paths(fam, module, schedule, reward, prompts: list[str], n: int, b
     latent = fam.latent_shape(1, resolution, resolution)
     keep = keep and n * (2 * schedule.num_steps + 1) * math.prod(latent) * 4 <= KEEP_BASE_PATHS_BYTES
     images, rewards, ratios, chunks = [], [], [], []
-    for start in range(0, n, batch):
-        chunk = [prompts[i % len(prompts)] for i in range(start, min(start + batch, n))]
-        cond = fam.encode(chunk, len(chunk), guidance_scale, negative_prompt or None, _size(resolution))
+    for chunk, cond in _prompt_chunks(fam, prompts, n, batch, guidance_scale, negative_prompt, resolution):
         decoded, trajectory, means = _base_walk(fam, module, schedule, cond, len(chunk), g, resolution, keep or score)
         images.append(decoded.cpu())
         rewards.append(reward(decoded, chunk).float().cpu())
