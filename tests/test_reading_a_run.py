@@ -121,14 +121,14 @@ def test_the_summary_draws_the_base_paths_once_and_scores_the_trained_control_al
     assert control_is_zero(fam.module)
     before, kept, seen = summary("base")
     assert seen == n * schedule.num_steps and kept.kept  # the base alone, once
-    rows_apart = sample_paths(fam, fam.module, schedule, reward, prompts, n, chunk, seed=7, guidance_scale=3.0)
-    assert before["kl"] == 0 and before["reward_mean"] == float(rows_apart.reward.mean())
-    fresh = tilted_optimum(rows_apart.reward, 0.5).numbers()
+    drawn_anew = sample_paths(fam, fam.module, schedule, reward, prompts, n, chunk, seed=7, guidance_scale=3.0)
+    assert before["kl"] == 0 and before["reward_mean"] == float(drawn_anew.reward.mean())
+    fresh = tilted_optimum(drawn_anew.reward, 0.5).numbers()
     assert {k: before["optimum"][k] for k in fresh} == fresh
     assert before["optimum"]["eval/brightness"] != before["eval/brightness"]  # reweighted to the optimum
     # where training starts: the base's distance alpha·KL(P_base ‖ P*) = alpha·log Z* − E_base[R] > 0
     assert before["gap"]["objective"] == pytest.approx(0.5 * math.log(float(
-        torch.exp(rows_apart.reward.double() / 0.5).mean())) - float(rows_apart.reward.double().mean()), rel=1e-6)
+        torch.exp(drawn_anew.reward.double() / 0.5).mean())) - float(drawn_anew.reward.double().mean()), rel=1e-6)
     assert before["gap"]["objective"] > 0
 
     with torch.no_grad():  # "training": the control moves
