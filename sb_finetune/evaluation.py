@@ -20,27 +20,20 @@ from .plots import save_grid, save_kl_profile, side_by_side
 from .rollout import path_log_ratio, rollout
 
 
-def _rollout_images(fam, module, schedule, cond, n: int, generator: torch.Generator,
-                    resolution: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """n samples of the current control from fresh noise: (decoded images [n, 3, H, W], per-step KL to the base
-    [n, N], per-step log dP_θ/dP_base of the sampled transitions [n, N])."""
+def _rollout_images(fam, module, schedule, cond, n: int, generator: torch.Generator, resolution: int | None,
+                    base_only: bool = False, keep: bool = False):
+    """n samples of the current control from fresh noise: (decoded images [n, 3, H, W], the `Rollout`: per-step KL to
+    the base [n, N] and log dP_θ/dP_base of the sampled transitions [n, N]). base_only: the base's paths instead, one
+    denoiser call a step (the control is not called; KL and log-ratio zero), from the same draws of the generator
+    (the same seed, the same noise); `keep`: with their states x_0 … x_N and the base's means, at which any control's
+    log-ratio can be taken (`path_log_ratio`)."""
     device = next(module.parameters()).device
     policy = fam.denoiser(module, cond)
+    base = base_denoiser(policy, module)
     x = fam.start_noise(fam.latent_shape(n, resolution, resolution), generator, device)
-    out = rollout(policy, base_denoiser(policy, module), schedule, x, window=0, generator=generator)
-    return fam.decode(out.x), out.kl, out.log_ratio
-
-
-def _base_walk(fam, module, schedule, cond, n: int, generator: torch.Generator, resolution: int | None,
-               keep: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """n paths of the base from fresh noise, one denoiser call a step (the control is not called): decoded images and,
-    where `keep`, the states x_0 … x_N and the base's means, at which any control's log-ratio can be taken
-    (`path_log_ratio`). The generator's draws are those of `_rollout_images`: the same seed, the same noise."""
-    device = next(module.parameters()).device
-    base = base_denoiser(fam.denoiser(module, cond), module)
-    x = fam.start_noise(fam.latent_shape(n, resolution, resolution), generator, device)
-    out = rollout(base, base, schedule, x, window=0, generator=generator, return_trajectory=keep, return_means=keep)
-    return fam.decode(out.x), out.trajectory or [], out.means or []
+    out = rollout(base if base_only else policy, base, schedule, x, window=0, generator=generator,
+                  return_trajectory=keep, return_means=keep)
+    return fam.decode(out.x), out
 
 
 def _size(resolution: int | None) -> tuple[int, int] | None:
@@ -56,10 +49,10 @@ def eval_grid(fam, module, schedule, prompts: list[str], seeds: list[int], guida
     device = next(module.parameters()).device
     columns, kls = [], []
     for seed in seeds:
-        images, kl, _ = _rollout_images(fam, module, schedule, cond, len(prompts),
-                                        torch.Generator(device).manual_seed(int(seed)), resolution)
+        images, out = _rollout_images(fam, module, schedule, cond, len(prompts),
+                                      torch.Generator(device).manual_seed(int(seed)), resolution)
         columns.append(images)
-        kls.append(kl)
+        kls.append(out.kl)
     images = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: prompt i, seed j
     return images.cpu(), torch.cat(kls).mean(0).cpu()
 
@@ -96,11 +89,11 @@ def sample_paths(fam, module, schedule, reward, prompts: list[str], n: int, batc
     g = torch.Generator(device).manual_seed(seed)
     images, rewards, kls, ratios = [], [], [], []
     for chunk, cond in _prompt_chunks(fam, prompts, n, batch, guidance_scale, negative_prompt, resolution):
-        decoded, kl, log_ratio = _rollout_images(fam, module, schedule, cond, len(chunk), g, resolution)
+        decoded, out = _rollout_images(fam, module, schedule, cond, len(chunk), g, resolution)
         images.append(decoded.cpu())
         rewards.append(reward(decoded, chunk).float().cpu())
-        kls.append(kl.cpu())
-        ratios.append(log_ratio.cpu())
+        kls.append(out.kl.cpu())
+        ratios.append(out.log_ratio.cpu())
     return Paths(torch.cat(images), torch.cat(rewards), torch.cat(kls), torch.cat(ratios))
 
 
@@ -152,12 +145,14 @@ def draw_base_paths(fam, module, schedule, reward, prompts: list[str], n: int, b
     keep = keep and n * (2 * schedule.num_steps + 1) * math.prod(latent) * 4 <= KEEP_BASE_PATHS_BYTES
     images, rewards, ratios, chunks = [], [], [], []
     for chunk, cond in _prompt_chunks(fam, prompts, n, batch, guidance_scale, negative_prompt, resolution):
-        decoded, trajectory, means = _base_walk(fam, module, schedule, cond, len(chunk), g, resolution, keep or score)
+        decoded, out = _rollout_images(fam, module, schedule, cond, len(chunk), g, resolution, base_only=True,
+                                       keep=keep or score)
         images.append(decoded.cpu())
         rewards.append(reward(decoded, chunk).float().cpu())
         if score:
-            ratios.append(path_log_ratio(fam.denoiser(module, cond), schedule, trajectory, means).cpu())
-        chunks.append((chunk, [v.cpu() for v in trajectory] if keep else [], [v.cpu() for v in means] if keep else []))
+            ratios.append(path_log_ratio(fam.denoiser(module, cond), schedule, out.trajectory, out.means).cpu())
+        chunks.append((chunk, [v.cpu() for v in out.trajectory] if keep else [],
+                       [v.cpu() for v in out.means] if keep else []))
     zeros = torch.zeros(n, schedule.num_steps)
     return BasePaths(Paths(torch.cat(images), torch.cat(rewards), zeros, torch.cat(ratios) if score else zeros.clone()),
                      chunks, _paths_key(schedule, prompts, n, batch, seed, guidance_scale, negative_prompt, resolution),
