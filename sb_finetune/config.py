@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, get_type_hints
 
 
 class ConfigError(ValueError):
@@ -233,6 +233,7 @@ def resolve_config(spec: str | None = None, overrides: list[str] | tuple[str, ..
     try:
         if path is not None:
             data = OmegaConf.load(path)
+            _words_for_booleans(data, path)
             conf = OmegaConf.merge(conf, data)
             for key in _flat(OmegaConf.to_container(data)):
                 sources.update(dict.fromkeys(_keys_under(key, keys), path))
@@ -245,8 +246,10 @@ def resolve_config(spec: str | None = None, overrides: list[str] | tuple[str, ..
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
-            key = item.split("=", 1)[0].strip()
+            key, text = (part.strip() for part in item.split("=", 1))
             value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+            if isinstance(value, bool) and _is_text_field(key):  # YAML's no/off/yes/on: the word, not a boolean
+                value = text
             # a value given replaces (reward.kwargs={} clears); a whole section merges into the schema's
             OmegaConf.update(conf, key, value, merge="." not in key)
             section = "." not in key and OmegaConf.is_dict(value)  # reward={name: x}: the fields it names
@@ -264,6 +267,36 @@ def resolve_config(spec: str | None = None, overrides: list[str] | tuple[str, ..
         raise ConfigError(f"config key '{key}': {first_line(err)}") from None
     _validate(cfg)
     return Resolved(cfg, sources, notes, path)
+
+
+# YAML 1.1 (OmegaConf's reader) reads these words, unquoted, as booleans
+_BOOLEAN_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _is_text_field(key: str) -> bool:
+    """Whether the schema field `key` ("section.field") holds a string (str or Optional[str])."""
+    section, _, name = key.partition(".")
+    if "." in name or section not in {f.name for f in fields(Config)}:
+        return False
+    hints = get_type_hints(type(getattr(Config(), section)))
+    return hints.get(name) in (str, Optional[str])
+
+
+def _words_for_booleans(data, path: str) -> None:
+    """A YAML file's unquoted `mixed_precision: no` reaches us as False: put back the word a choice field takes, or
+    stop with the key and the quoting that keeps the word (the command line keeps the word as typed instead)."""
+    from omegaconf import OmegaConf
+
+    for key in _flat(OmegaConf.to_container(data)):
+        section, _, name = key.partition(".")
+        value = data.get(section, {}).get(name) if "." not in name else None
+        if not isinstance(value, bool) or not _is_text_field(key):
+            continue
+        words = [w for w in _CHOICES.get(key, ()) if w in _BOOLEAN_WORDS[value]]
+        if len(words) != 1:
+            raise ConfigError(f"config key '{key}' in {path}: YAML reads an unquoted no/yes/off/on/false/true as a "
+                              f"boolean ({value}); quote the word, e.g. {name}: \"{_BOOLEAN_WORDS[value][0]}\"")
+        data[section][name] = words[0]
 
 
 def _drop_other_rewards_kwargs(conf, sources: dict[str, str], file_reward: tuple[str, dict], given: set[str]) -> list[str]:

@@ -132,3 +132,19 @@ def test_a_grid_of_one_s_own_is_read_from_the_command_line_and_checked():
     assert other.config.sampler.timesteps is None and other.config.sampler.steps == 50
     assert "sampler.timesteps from" in other.notes[0] and "has 20 steps, not sampler.steps=50" in other.notes[0]
     assert resolve_config("digits", ["sampler.steps=20"]).config.sampler.timesteps[0] == 999  # the same count: kept
+
+
+def test_the_word_no_stays_a_word_where_the_schema_takes_text(tmp_path):
+    # YAML reads an unquoted `no` as false: `optim.mixed_precision=no`, the documented value, used to stop the run
+    # with "'False' is not one of ('no', 'fp16', 'bf16')"
+    assert load_config(None, ["optim.mixed_precision=no"]).optim.mixed_precision == "no"
+    assert load_config(None, ["model.pretrained=off"]).model.pretrained == "off"  # any text field keeps the word
+    assert load_config(None, ["control.merged_forward=no"]).control.merged_forward is False  # a boolean stays one
+    assert load_config(None, ["objective.checkpointing=on"]).objective.checkpointing is True
+    (tmp_path / "fp32.yaml").write_text("optim:\n  mixed_precision: no\n  batch_size: 4\n")
+    assert load_config(str(tmp_path / "fp32.yaml")).optim.mixed_precision == "no"
+    (tmp_path / "off.yaml").write_text("model:\n  pretrained: off\n")  # the word is lost: say how to keep it
+    with pytest.raises(ConfigError, match="config key 'model.pretrained' in .*off.yaml: YAML reads an unquoted .*quote"):
+        load_config(str(tmp_path / "off.yaml"))
+    with pytest.raises(ConfigError, match="'optim.mixed_precision': 'fp8' is not one of"):
+        load_config(None, ["optim.mixed_precision=fp8"])
