@@ -50,7 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_MODULE_NAMES = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0", "conv",
                     "conv_in", "conv_out", "linear_1", "linear_2"]  # every conv and linear layer of the digits UNet
 ALL_MODULES = f"control.target_modules=[{','.join(ALL_MODULE_NAMES)}]"
-BEFORE = ["optim.steps=80", "optim.lr_schedule=constant", "objective.checkpointing=false"]  # the default before the fix
+RATE_3E3 = ["optim.lr=3e-3", "optim.warmup_steps=0"]  # the default's rate until 2026-12-05, which the rows below were measured at
+BEFORE = ["optim.steps=80", "optim.lr_schedule=constant", "objective.checkpointing=false", *RATE_3E3]  # the default before the fix
 COSINE = [*BEFORE, "optim.lr_schedule=cosine"]
 ROWS = {  # every row but `before` and `default` changes one thing against `cosine`
     "before": ("the old default", BEFORE),
@@ -70,17 +71,24 @@ ROWS = {  # every row but `before` and `default` changes one thing against `cosi
     "lr1e-2": ("(d) optimisation", [*COSINE, "optim.lr=1e-2", "optim.warmup_steps=10"]),
     "batch96_lr1e-2": ("(d) optimisation", [*COSINE, "optim.batch_size=96", "optim.lr=1e-2", "optim.warmup_steps=10"]),
     "rank64_all_steps240": ("together", [*COSINE, "control.rank=64", ALL_MODULES, "optim.steps=240"]),
-    "default": ("the new default", []),
-    "default_7_alpha0.5": ("the new default", ["reward.kwargs.target=7", "objective.alpha=0.5"]),
-    "default_warmup20": ("(d) optimisation", ["optim.warmup_steps=20"]),
+    "default": ("the default until 2026-12-05", RATE_3E3),
+    "default_7_alpha0.5": ("the default until 2026-12-05", [*RATE_3E3, "reward.kwargs.target=7", "objective.alpha=0.5"]),
+    "default_warmup20": ("(d) optimisation", ["optim.lr=3e-3", "optim.warmup_steps=20"]),
     "adjoint_reuse4": ("(b) estimator", ["objective.estimator=adjoint", "objective.adjoint_steps=5",
-                                         "optim.updates_per_batch=4", "optim.steps=120", "objective.checkpointing=false"]),
-    "stl": ("(b) estimator", ["objective.path_gradient=stl"]),
+                                         "optim.updates_per_batch=4", "optim.steps=120", "objective.checkpointing=false",
+                                         *RATE_3E3]),
+    "stl": ("(b) estimator", [*RATE_3E3, "objective.path_gradient=stl"]),
     "default_lr1e-2": ("(d) optimisation", ["optim.lr=1e-2", "optim.warmup_steps=10"]),
     "stl_lr1e-2": ("(b) estimator", ["objective.path_gradient=stl", "optim.lr=1e-2", "optim.warmup_steps=10"]),
-    "steps600": ("(d) optimisation", ["optim.steps=600"]),
-    "n10_steps600": ("(a) chain", ["sampler.steps=10", "optim.steps=600"]),
-    "lora_plus4": ("(d) optimisation", ["optim.lora_plus_ratio=4"]),
+    "steps600": ("(d) optimisation", [*RATE_3E3, "optim.steps=600"]),
+    "n10_steps600": ("(a) chain", [*RATE_3E3, "sampler.steps=10", "optim.steps=600"]),
+    "lora_plus4": ("(d) optimisation", [*RATE_3E3, "optim.lora_plus_ratio=4"]),
+    # the rate on the balanced grid (2026-12-05): the default since, and its neighbours ("The rate, on the balanced grid")
+    "default_now": ("the default since 2026-12-05: lr 1e-2, 10 warm-up steps", []),
+    "default_now_7_alpha0.5": ("the default since 2026-12-05", ["reward.kwargs.target=7", "objective.alpha=0.5"]),
+    "default_seed1": ("training noise, at lr 3e-3", [*RATE_3E3, "optim.seed=1"]),
+    "default_now_seed1": ("training noise, at the default's rate", ["optim.seed=1"]),
+    "lr2e-2": ("(d) optimisation", ["optim.lr=2e-2", "optim.warmup_steps=20"]),
 }
 SAMPLES = 512
 

@@ -33,6 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "outputs", "digits_estimators")
 DECISION = ["reward.kwargs.decision=5"]
+RATE_3E3 = ["optim.lr=3e-3", "optim.warmup_steps=0"]  # the digits default's rate until 2026-12-05: every row's unless it sets one
 FROM_POOL = [f"control.init_from={os.path.join(OUT, 'decision_base_pool_hold2')}", "objective.grad_steps=4", "optim.lr=1e-3",
              "optim.steps=120", *DECISION]  # the two-stage rows' second stage
 BASE_POOL = ["objective.estimator=base_pool", "objective.grad_steps=2", "optim.steps=1200"]  # 2,048 base paths, once
@@ -79,7 +80,8 @@ ROWS = {
 
 def train(name: str) -> None:
     out = os.path.join(OUT, name)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", os.path.join(ROOT, "train.py"), *ROWS[name][1], f"output.dir={out}"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", os.path.join(ROOT, "train.py"), *RATE_3E3, *ROWS[name][1],
+           f"output.dir={out}"]
     print(" ".join(cmd[2:]), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -124,7 +126,7 @@ def count_rows(name: str, steps: tuple[int, int] = (2, 4)) -> dict[str, float]:
     from sb_finetune.digits import DigitClassifier
     from sb_finetune.trainer import train as run
 
-    cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"), ROWS[name][1])  # the row as it trains
+    cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"), [*RATE_3E3, *ROWS[name][1]])  # the row as it trains
     o, n = cfg.objective, cfg.sampler.steps
     pool = o.pool_size if o.estimator == "base_pool" else 0
     small_pool = ["objective.pool_size=64"] if pool else []  # set-up: cancels in the difference
@@ -149,7 +151,7 @@ def count_rows(name: str, steps: tuple[int, int] = (2, 4)) -> dict[str, float]:
             costs.backward.clear()
             with tempfile.TemporaryDirectory() as out:
                 run(load_config(os.path.join(ROOT, "configs/digits.yaml"),
-                                [*ROWS[name][1], *extra, f"optim.steps={s}", f"output.dir={out}", "logging.eval_every=0",
+                                [*RATE_3E3, *ROWS[name][1], *extra, f"optim.steps={s}", f"output.dir={out}", "logging.eval_every=0",
                                  "logging.summary_samples=16", *small_pool]))
             totals.append(costs.per((steps[1] - steps[0]) * cfg.optim.batch_size))
         return {k: totals[1].get(k, 0.0) - totals[0].get(k, 0.0)
