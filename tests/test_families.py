@@ -241,11 +241,14 @@ def test_policy_and_base_in_one_call_equal_two_calls_values_and_gradients(kit, m
 
     # apart, paired in both passes, and the policy alone in the first pass then, in the backward, one paired call or
     # the base's and the policy's apart (`_InBackward`)
+    # This control pays up to 10⁴ nats a step, and the chain carries a call's float rounding (a batch of twice the rows
+    # sums in another order) into the gradients: up to 0.13 % apart on an Intel Xeon host, 2e-6 with the model in
+    # float64. A mask missed or a copy swapped moves them by their own size.
     (kl_apart, g_apart), *others = window(None), window(both), window(both, late=True), window(None, late=True)
     for kl, g in others:
         assert kl_apart.sum() > 1e-3 and torch.allclose(kl_apart, kl, rtol=1e-3, atol=1e-6)
         for a, b in zip(g_apart, g):
-            assert a.norm() > 0 and (a - b).norm() < 1e-4 * a.norm(), (a - b).norm() / a.norm()
+            assert a.norm() > 0 and (a - b).norm() < 1e-2 * a.norm(), (a - b).norm() / a.norm()
 
 
 @pytest.mark.parametrize("kit,merged", [("sd", False), ("ddpm", False), ("ddpm", True)])
@@ -350,7 +353,8 @@ def test_the_merged_lora_forward_keeps_peft_s_where_the_merge_would_differ():
     x = torch.randn(3, 4, 6, 6)
     stock = net(x)
     assert use_merged_forward(net) == 2  # the plain 3×3 convolution and the linear layer
-    assert torch.allclose(net(x), stock, rtol=1e-5, atol=1e-5)
+    # float rounding at the output's scale: the linear layer sums terms of ~10³ into outputs near 0, in another order
+    assert (net(x) - stock).abs().max() <= 1e-5 * stock.abs().max()
     net[2].lora_A["default"].forward = _never  # the merge takes A's weight alone outside autocast, and A's call inside
     net(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
