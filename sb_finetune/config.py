@@ -233,7 +233,7 @@ def resolve_config(spec: str | None = None, overrides: list[str] | tuple[str, ..
     try:
         if path is not None:
             data = OmegaConf.load(path)
-            _words_for_booleans(data, path)
+            _check_file_values(data, path)
             conf = OmegaConf.merge(conf, data)
             for key in _flat(OmegaConf.to_container(data)):
                 sources.update(dict.fromkeys(_keys_under(key, keys), path))
@@ -282,15 +282,23 @@ def _is_text_field(key: str) -> bool:
     return hints.get(name) in (str, Optional[str])
 
 
-def _words_for_booleans(data, path: str) -> None:
-    """A YAML file's unquoted `mixed_precision: no` reaches us as False: put back the word a choice field takes, or
-    stop with the key and the quoting that keeps the word (the command line keeps the word as typed instead)."""
+def _check_file_values(data, path: str) -> None:
+    """What a YAML file's reader makes of a value before the schema sees it. A section must be a mapping (`model: 5`
+    would reach the schema's merge, whose error names no key). An unquoted `mixed_precision: no` reaches us as False:
+    put back the word a choice field takes, or stop with the key and the quoting that keeps the word (the command
+    line keeps the word as typed instead)."""
     from omegaconf import OmegaConf
 
+    for section in data:
+        if section in {f.name for f in fields(Config)} and not OmegaConf.is_dict(data[section]):
+            raise ConfigError(f"config key '{section}' in {path}: a section of fields (a mapping), got "
+                              f"{OmegaConf.to_container(data)[section]!r}")
     for key in _flat(OmegaConf.to_container(data)):
-        section, _, name = key.partition(".")
-        value = data.get(section, {}).get(name) if "." not in name else None
-        if not isinstance(value, bool) or not _is_text_field(key):
+        if not _is_text_field(key):
+            continue
+        section, name = key.split(".")
+        value = data[section][name]
+        if not isinstance(value, bool):
             continue
         words = [w for w in _CHOICES.get(key, ()) if w in _BOOLEAN_WORDS[value]]
         if len(words) != 1:

@@ -148,3 +148,6 @@ def test_the_word_no_stays_a_word_where_the_schema_takes_text(tmp_path):
         load_config(str(tmp_path / "off.yaml"))
     with pytest.raises(ConfigError, match="'optim.mixed_precision': 'fp8' is not one of"):
         load_config(None, ["optim.mixed_precision=fp8"])
+    (tmp_path / "flat.yaml").write_text("model: 5\n")  # a section that is not a mapping: still one line naming it
+    with pytest.raises(ConfigError, match="config key 'model'"):
+        load_config(str(tmp_path / "flat.yaml"))
