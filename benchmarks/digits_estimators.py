@@ -5,7 +5,8 @@
     python benchmarks/digits_estimators.py --report-only        # the table again, from the runs' summary.json
     python benchmarks/digits_estimators.py --count pathwise adjoint   # measure the rows' calls (~2 min a row)
 
-Each row is `accelerate launch train.py` (the digits default, `configs/digits.yaml`) with the row's overrides, in a
+Each row is `accelerate launch train.py` (the digits default, `configs/digits.yaml`) with the row's overrides, at the
+rate the table was measured at (lr 3e-3 without warm-up, the default's until 2026-12-05, unless the row sets one), in a
 fresh process, into outputs/digits_estimators/<row>/. The numbers are the run's own summary.json: the gap to the
 optimum p_base · exp(R/alpha) (objective excess alpha · KL(P_θ ‖ P*) on paths, ± its standard error), the KL's
 excess, the target fraction against the optimum's, and the training wall. `decision` rows train on the classifier's
@@ -78,10 +79,14 @@ ROWS = {
 }
 
 
+def overrides(name: str) -> list[str]:
+    """The row's command-line overrides, on the rate its table was measured at."""
+    return [*RATE_3E3, *ROWS[name][1]]
+
+
 def train(name: str) -> None:
     out = os.path.join(OUT, name)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", os.path.join(ROOT, "train.py"), *RATE_3E3, *ROWS[name][1],
-           f"output.dir={out}"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", os.path.join(ROOT, "train.py"), *overrides(name), f"output.dir={out}"]
     print(" ".join(cmd[2:]), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,7 +131,7 @@ def count_rows(name: str, steps: tuple[int, int] = (2, 4)) -> dict[str, float]:
     from sb_finetune.digits import DigitClassifier
     from sb_finetune.trainer import train as run
 
-    cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"), [*RATE_3E3, *ROWS[name][1]])  # the row as it trains
+    cfg = load_config(os.path.join(ROOT, "configs/digits.yaml"), overrides(name))  # the row as it trains
     o, n = cfg.objective, cfg.sampler.steps
     pool = o.pool_size if o.estimator == "base_pool" else 0
     small_pool = ["objective.pool_size=64"] if pool else []  # set-up: cancels in the difference
@@ -151,7 +156,7 @@ def count_rows(name: str, steps: tuple[int, int] = (2, 4)) -> dict[str, float]:
             costs.backward.clear()
             with tempfile.TemporaryDirectory() as out:
                 run(load_config(os.path.join(ROOT, "configs/digits.yaml"),
-                                [*RATE_3E3, *ROWS[name][1], *extra, f"optim.steps={s}", f"output.dir={out}", "logging.eval_every=0",
+                                [*overrides(name), *extra, f"optim.steps={s}", f"output.dir={out}", "logging.eval_every=0",
                                  "logging.summary_samples=16", *small_pool]))
             totals.append(costs.per((steps[1] - steps[0]) * cfg.optim.batch_size))
         return {k: totals[1].get(k, 0.0) - totals[0].get(k, 0.0)

@@ -273,24 +273,30 @@ def resolve_config(spec: str | None = None, overrides: list[str] | tuple[str, ..
 _BOOLEAN_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
 
 
+_SECTIONS = {f.name for f in fields(Config)}
+
+
 def _is_text_field(key: str) -> bool:
     """Whether the schema field `key` ("section.field") holds a string (str or Optional[str])."""
     section, _, name = key.partition(".")
-    if "." in name or section not in {f.name for f in fields(Config)}:
+    if "." in name or section not in _SECTIONS:
         return False
     hints = get_type_hints(type(getattr(Config(), section)))
     return hints.get(name) in (str, Optional[str])
 
 
 def _check_file_values(data, path: str) -> None:
-    """What a YAML file's reader makes of a value before the schema sees it. A section must be a mapping (`model: 5`
-    would reach the schema's merge, whose error names no key). An unquoted `mixed_precision: no` reaches us as False:
+    """What a YAML file's reader makes of a value before the schema sees it. The file and each section must be
+    mappings (a list or `model: 5` would reach the schema's merge, whose error names no key, or crash it). An unquoted `mixed_precision: no` reaches us as False:
     put back the word a choice field takes, or stop with the key and the quoting that keeps the word (the command
     line keeps the word as typed instead)."""
     from omegaconf import OmegaConf
 
+    if not OmegaConf.is_dict(data):
+        raise ConfigError(f"{path}: a config file is a mapping of sections (model:, optim:, ...), got a "
+                          f"{type(OmegaConf.to_container(data)).__name__}")
     for section in data:
-        if section in {f.name for f in fields(Config)} and not OmegaConf.is_dict(data[section]):
+        if section in _SECTIONS and not OmegaConf.is_dict(data[section]):
             raise ConfigError(f"config key '{section}' in {path}: a section of fields (a mapping), got "
                               f"{OmegaConf.to_container(data)[section]!r}")
     for key in _flat(OmegaConf.to_container(data)):

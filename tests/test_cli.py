@@ -149,5 +149,8 @@ def test_the_word_no_stays_a_word_where_the_schema_takes_text(tmp_path):
     with pytest.raises(ConfigError, match="'optim.mixed_precision': 'fp8' is not one of"):
         load_config(None, ["optim.mixed_precision=fp8"])
     (tmp_path / "flat.yaml").write_text("model: 5\n")  # a section that is not a mapping: still one line naming it
-    with pytest.raises(ConfigError, match="config key 'model'"):
+    with pytest.raises(ConfigError, match="config key 'model' in .*flat.yaml: a section of fields"):
         load_config(str(tmp_path / "flat.yaml"))
+    (tmp_path / "list.yaml").write_text("- model: {}\n")  # nor is the file (this crashed with a TypeError)
+    with pytest.raises(ConfigError, match="list.yaml: a config file is a mapping of sections"):
+        load_config(str(tmp_path / "list.yaml"))
