@@ -31,10 +31,11 @@ import sys
 import tempfile
 import time
 
+from digits_diagnosis import RATE_3E3  # the digits default's rate until 2026-12-05: every row's unless it sets one
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "outputs", "digits_estimators")
 DECISION = ["reward.kwargs.decision=5"]
-RATE_3E3 = ["optim.lr=3e-3", "optim.warmup_steps=0"]  # the digits default's rate until 2026-12-05: every row's unless it sets one
 FROM_POOL = [f"control.init_from={os.path.join(OUT, 'decision_base_pool_hold2')}", "objective.grad_steps=4", "optim.lr=1e-3",
              "optim.steps=120", *DECISION]  # the two-stage rows' second stage
 BASE_POOL = ["objective.estimator=base_pool", "objective.grad_steps=2", "optim.steps=1200"]  # 2,048 base paths, once

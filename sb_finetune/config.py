@@ -248,7 +248,7 @@ def resolve_config(spec: str | None = None, overrides: list[str] | tuple[str, ..
                 raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
             key, text = (part.strip() for part in item.split("=", 1))
             value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
-            if isinstance(value, bool) and _is_text_field(key):  # YAML's no/off/yes/on: the word, not a boolean
+            if isinstance(value, bool) and key in _TEXT_FIELDS:  # YAML's no/off/yes/on: the word, not a boolean
                 value = text
             # a value given replaces (reward.kwargs={} clears); a whole section merges into the schema's
             OmegaConf.update(conf, key, value, merge="." not in key)
@@ -273,23 +273,17 @@ def resolve_config(spec: str | None = None, overrides: list[str] | tuple[str, ..
 _BOOLEAN_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
 
 
-_SECTIONS = {f.name for f in fields(Config)}
-
-
-def _is_text_field(key: str) -> bool:
-    """Whether the schema field `key` ("section.field") holds a string (str or Optional[str])."""
-    section, _, name = key.partition(".")
-    if "." in name or section not in _SECTIONS:
-        return False
-    hints = get_type_hints(type(getattr(Config(), section)))
-    return hints.get(name) in (str, Optional[str])
+_SECTIONS = get_type_hints(Config)  # section name → its dataclass
+# the "section.field" keys that hold text (str or Optional[str]): there a YAML boolean word is the word
+_TEXT_FIELDS = {f"{section}.{name}" for section, kind in _SECTIONS.items()
+                for name, hint in get_type_hints(kind).items() if hint in (str, Optional[str])}
 
 
 def _check_file_values(data, path: str) -> None:
     """What a YAML file's reader makes of a value before the schema sees it. The file and each section must be
-    mappings (a list or `model: 5` would reach the schema's merge, whose error names no key, or crash it). An unquoted `mixed_precision: no` reaches us as False:
-    put back the word a choice field takes, or stop with the key and the quoting that keeps the word (the command
-    line keeps the word as typed instead)."""
+    mappings (a list or `model: 5` would reach the schema's merge, whose error names no key, or crash it). An
+    unquoted `mixed_precision: no` reaches us as False: put back the word a choice field takes, or stop with the key
+    and the quoting that keeps the word (the command line keeps the word as typed instead)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.is_dict(data):
@@ -300,7 +294,7 @@ def _check_file_values(data, path: str) -> None:
             raise ConfigError(f"config key '{section}' in {path}: a section of fields (a mapping), got "
                               f"{OmegaConf.to_container(data)[section]!r}")
     for key in _flat(OmegaConf.to_container(data)):
-        if not _is_text_field(key):
+        if key not in _TEXT_FIELDS:
             continue
         section, name = key.split(".")
         value = data[section][name]
