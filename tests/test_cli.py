@@ -134,6 +134,17 @@ def test_a_grid_of_one_s_own_is_read_from_the_command_line_and_checked():
     assert resolve_config("digits", ["sampler.steps=20"]).config.sampler.timesteps[0] == 999  # the same count: kept
 
 
+def test_another_estimator_on_the_command_line_hears_that_the_file_s_rate_was_chosen_for_its_own():
+    # the digits rate (1e-2) is the pathwise estimator's: a user switching estimator keeps it, told so
+    switched = resolve_config("digits", ["objective.estimator=adjoint"])
+    assert switched.config.optim.lr == 1e-2 and len(switched.notes) == 1
+    assert "optim.lr=0.01 from" in switched.notes[0] and "chosen for objective.estimator='pathwise'" in switched.notes[0]
+    assert "'adjoint' trains with it" in switched.notes[0]
+    for quiet in (["objective.estimator=adjoint", "optim.lr=3e-3"], ["objective.estimator=pathwise"], ["optim.lr=3e-3"]):
+        assert not resolve_config("digits", quiet).notes, quiet
+    assert not resolve_config(None, ["objective.estimator=adjoint"]).notes  # the schema's own rate was chosen for none
+
+
 def test_the_word_no_stays_a_word_where_the_schema_takes_text(tmp_path):
     # YAML reads an unquoted `no` as false: `optim.mixed_precision=no`, the documented value, used to stop the run
     # with "'False' is not one of ('no', 'fp16', 'bf16')"

@@ -329,7 +329,9 @@ def test_the_merged_lora_forward_is_peft_s_layer_in_values_and_gradients(kit):
 
     (out, grads, bare), (out_m, grads_m, bare_m) = run(False), run(True)
     assert (out - bare).abs().max() > 1e-2  # the adapter matters
-    assert torch.allclose(out, out_m, rtol=1e-4, atol=1e-5), (out - out_m).abs().max()
+    # float rounding at the output's scale (W·x + s·B(A·x) and (W + s·BA)·x sum in another order): 2.1e-5 at a scale of
+    # ~1 under AVX2 kernels; the adapter itself moves the output by over 1e-2
+    assert (out - out_m).abs().max() <= 1e-4 * out.abs().max(), (out - out_m).abs().max() / out.abs().max()
     assert torch.equal(bare, bare_m)
     for a, b in zip(grads, grads_m):
         assert a.norm() > 0 and (a - b).norm() < 1e-4 * a.norm(), (a - b).norm() / a.norm()

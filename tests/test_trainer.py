@@ -424,13 +424,15 @@ def test_paired_calls_train_as_two_calls_do_and_turn_themselves_on_for_small_cal
     for key in ("loss", "kl", "objective", "grad_norm"):
         a, b = ([h[key] for h in runs[p]["history"]] for p in ("true", "false"))
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
-    # Adam's first steps are ±lr wherever a gradient is nonzero, so rounding flips a few of the near-zero ones: compare
-    # whole tensors, and the adapter as one (a cross-attention key's up matrix moved 1.3 % on an Intel Xeon host, where
-    # a batch of twice the rows sums in another order; the whole adapter far less)
+    # Adam's first steps are ±lr wherever a gradient is nonzero, so rounding flips the step of a near-zero gradient here
+    # and there: one entry of 256 took a cross-attention key's up matrix 5.5 % away under AVX2 kernels
+    # (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), where a batch of twice the rows sums in another order. So: the
+    # adapter as one within 1 %, and in every tensor all but a few entries equal; a missed mask or a swapped copy moves most
     flat = {p: torch.cat([v.flatten() for v in runs[p]["lora"].values()]) for p in ("true", "false")}
     assert (flat["true"] - flat["false"]).norm() <= 1e-2 * flat["true"].norm()
     for k, v in runs["true"]["lora"].items():
-        assert (v - runs["false"]["lora"][k]).norm() <= 5e-2 * v.norm(), (k, (v - runs["false"]["lora"][k]).norm() / v.norm())
+        off = ((v - runs["false"]["lora"][k]).abs() > 1e-3 * v.abs().max()).float().mean().item()
+        assert off <= 0.05, (k, off)
     assert any(v.abs().sum() > 0 for k, v in runs["true"]["lora"].items() if "lora_B" in k or "lora.up" in k)
     if checkpointing == "true":
         return
