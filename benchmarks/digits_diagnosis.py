@@ -89,6 +89,11 @@ ROWS = {  # every row but `before` and `default` changes one thing against `cosi
     "default_seed1": ("training noise, at lr 3e-3", [*RATE_3E3, "optim.seed=1"]),
     "default_now_seed1": ("training noise, at the default's rate", ["optim.seed=1"]),
     "lr2e-2": ("(d) optimisation", ["optim.lr=2e-2", "optim.warmup_steps=20"]),
+    # the reweighted window ("The random window, reweighted"), at each rate
+    "unbiased_window": ("(b) estimator", [*RATE_3E3, "objective.unbiased_window=true"]),
+    "unbiased_window_7_alpha0.5": ("(b) estimator", [*RATE_3E3, "objective.unbiased_window=true",
+                                                     "reward.kwargs.target=7", "objective.alpha=0.5"]),
+    "unbiased_window_now": ("(b) estimator, at the default's rate", ["objective.unbiased_window=true"]),
 }
 SAMPLES = 512
 
