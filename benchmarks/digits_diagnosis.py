@@ -23,8 +23,11 @@ Rows, by cause (each against `cosine`: the old default, 80 steps at lr 3e-3, wit
     (b) the estimator   full_window (K = N always: the unbiased pathwise gradient), adjoint (Adjoint Matching),
                         adjoint_reuse4 (each batch's adjoints regressed by 4 updates of 5 steps, 120 batches),
                         no_grad_clip, stl (sticking the landing: the default with objective.path_gradient=stl, whose
-                        per-path gradient vanishes at the optimum), stl_lr1e-2 (the same at lr 1e-2, 10 warm-up steps)
-    (c) capacity        rank64_all: rank 64 on every conv and linear layer (full rank for this UNet: the upper bound)
+                        per-path gradient vanishes at the optimum), stl_lr1e-2 (the same at lr 1e-2, 10 warm-up steps),
+                        unbiased_window, unbiased_window_7_alpha0.5 (the window reweighted to the full chain's
+                        gradient, at 3e-3), unbiased_window_now (the same at the default's rate)
+    (c) capacity        rank64_all: rank 64 on every conv and linear layer (full rank for this UNet: the upper bound);
+                        lowres: the default's modules at 8×8 only, no 16×16 convolution adapted (the control's form)
     (d) optimisation    before (the old default: constant learning rate), steps240, batch96, batch16_steps160, lr1e-3,
                         lr1e-2 (10 warm-up steps), batch96_lr1e-2, default_lr1e-2 (the default at lr 1e-2, 10 warm-up)
     together            rank64_all_steps240
@@ -34,7 +37,9 @@ Rows, by cause (each against `cosine`: the old default, 80 steps at lr 3e-3, wit
                         default with the rate ramped up over its first 20 steps (does the early KL overshoot matter?);
                         steps600: the default decayed over 600 steps instead of 180 (about 36 minutes: where it stalls);
                         n10_steps600: the same on a 10-step chain (15 minutes: the chain's share where both stall);
-                        lora_plus4: the default with LoRA+ (its B matrices at 4× the A matrices' rate)
+                        lora_plus4: the default with LoRA+ (its B matrices at 4× the A matrices' rate);
+                        default_now, default_now_7_alpha0.5, default_now_seed1 (the default since 2026-12-05: lr 1e-2,
+                        10 warm-up steps), default_seed1 and lr2e-2 beside them (the rate, on the balanced grid)
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_MODULE_NAMES = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0", "conv",
                     "conv_in", "conv_out", "linear_1", "linear_2"]  # every conv and linear layer of the digits UNet
 ALL_MODULES = f"control.target_modules=[{','.join(ALL_MODULE_NAMES)}]"
+# the default's modules where the digits UNet works at 8×8 (down_blocks.1, the mid block, up_blocks.0; all its attention)
+LOW_RES_NAMES = ["to_q", "to_k", "to_v", "to_out.0", *(f"{block}.resnets.{i}.{conv}" for block, n in
+                 (("down_blocks.1", 1), ("mid_block", 2), ("up_blocks.0", 2)) for i in range(n) for conv in ("conv1", "conv2"))]
+LOW_RES = f"control.target_modules=[{','.join(LOW_RES_NAMES)}]"
 RATE_3E3 = ["optim.lr=3e-3", "optim.warmup_steps=0"]  # the default's rate until 2026-12-05, which the rows below were measured at
 BEFORE = ["optim.steps=80", "optim.lr_schedule=constant", "objective.checkpointing=false", *RATE_3E3]  # the default before the fix
 COSINE = [*BEFORE, "optim.lr_schedule=cosine"]
@@ -94,6 +103,7 @@ ROWS = {  # every row but `before` and `default` changes one thing against `cosi
     "unbiased_window_7_alpha0.5": ("(b) estimator", [*RATE_3E3, "objective.unbiased_window=true",
                                                      "reward.kwargs.target=7", "objective.alpha=0.5"]),
     "unbiased_window_now": ("(b) estimator, at the default's rate", ["objective.unbiased_window=true"]),
+    "lowres": ("(c) the control's form: the 8×8 layers and the attention only", [LOW_RES]),
 }
 SAMPLES = 512
 
