@@ -39,7 +39,9 @@ Rows, by cause (each against `cosine`: the old default, 80 steps at lr 3e-3, wit
                         n10_steps600: the same on a 10-step chain (15 minutes: the chain's share where both stall);
                         lora_plus4: the default with LoRA+ (its B matrices at 4× the A matrices' rate);
                         default_now, default_now_7_alpha0.5, default_now_seed1 (the default since 2026-12-05: lr 1e-2,
-                        10 warm-up steps), default_seed1 and lr2e-2 beside them (the rate, on the balanced grid)
+                        10 warm-up steps), default_seed1 and lr2e-2 beside them (the rate, on the balanced grid);
+                        default_now_steps360 and no_clamp_steps360: twice the steps, with the scheduler's clamp of x̂0
+                        and without it in both processes (is the clamp where the LoRA stalls?)
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ ALL_MODULES = f"control.target_modules=[{','.join(ALL_MODULE_NAMES)}]"
 LOW_RES_NAMES = ["to_q", "to_k", "to_v", "to_out.0", *(f"{block}.resnets.{i}.{conv}" for block, n in
                  (("down_blocks.1", 1), ("mid_block", 2), ("up_blocks.0", 2)) for i in range(n) for conv in ("conv1", "conv2"))]
 LOW_RES = f"control.target_modules=[{','.join(LOW_RES_NAMES)}]"
+NO_CLAMP = os.path.join(ROOT, "outputs", "digits_diagnosis", "ddpm_no_clamp")  # written by write_no_clamp_model
 RATE_3E3 = ["optim.lr=3e-3", "optim.warmup_steps=0"]  # the default's rate until 2026-12-05, which the rows below were measured at
 BEFORE = ["optim.steps=80", "optim.lr_schedule=constant", "objective.checkpointing=false", *RATE_3E3]  # the default before the fix
 COSINE = [*BEFORE, "optim.lr_schedule=cosine"]
@@ -104,13 +107,33 @@ ROWS = {  # every row but `before` and `default` changes one thing against `cosi
                                                      "reward.kwargs.target=7", "objective.alpha=0.5"]),
     "unbiased_window_now": ("(b) estimator, at the default's rate", ["objective.unbiased_window=true"]),
     "lowres": ("(c) the control's form: the 8×8 layers and the attention only", [LOW_RES]),
+    # does the LoRA stall where the scheduler's clamp of x̂0 holds pixels it cannot move? twice the steps, with and without
+    "default_now_steps360": ("(d) optimisation, at the default's rate", ["optim.steps=360"]),
+    "no_clamp_steps360": ("(c) the clamp off in both processes, 360 steps", ["optim.steps=360", f"model.pretrained={NO_CLAMP}"]),
 }
 SAMPLES = 512
+
+
+def write_no_clamp_model() -> None:
+    """The shipped digits DDPM with its scheduler's clamp of x̂0 off (`clip_sample`), at NO_CLAMP: the same network, so
+    a base process (and an optimum) of its own."""
+    import shutil
+
+    from sb_finetune.digits import BASE_DIR
+
+    shutil.copytree(BASE_DIR, NO_CLAMP, dirs_exist_ok=True)
+    path = os.path.join(NO_CLAMP, "scheduler", "scheduler_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, "clip_sample": False}, f, indent=2)
 
 
 def run_row(name: str, out: str, extra: list[str]) -> None:
     """Train in a fresh process (the default config + this row's changes), then measure."""
     overrides = [*ROWS[name][1], *extra, f"output.dir={out}", f"logging.summary_samples={SAMPLES}"]
+    if f"model.pretrained={NO_CLAMP}" in overrides:
+        write_no_clamp_model()
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/digits.yaml"),
                     *overrides], check=True, cwd=ROOT)
     write_measure(out)
