@@ -331,7 +331,7 @@ def _file_rate_for_another_estimator(conf, sources: dict[str, str], file_estimat
     measured at 3e-3 or less): it stays, but a command line that switches the estimator and not the rate hears so."""
     was = sources["optim.lr"]
     if sources["objective.estimator"] != COMMAND_LINE or conf.objective.estimator == file_estimator or \
-            was in (DEFAULT, COMMAND_LINE) or was.endswith(COMMAND_LINE):
+            was == DEFAULT or was.endswith(COMMAND_LINE):
         return []
     return [f"optim.lr={conf.optim.lr:g} from {was} was chosen for objective.estimator='{file_estimator}', and "
             f"'{conf.objective.estimator}' trains with it: set optim.lr for it on the command line (README: Fine-tune)"]
