@@ -3,8 +3,8 @@ import os
 # CI draws its host, and another CPU's kernels sum in another order: an equality between two computations of one
 # quantity is checked at float rounding's own scale, not elementwise at 1e-6. Before trusting a tight tolerance, run
 # the suite as other hosts would (on 2026-12-05 the first found three such tests, the second none):
-#   ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 pytest                                (an AVX2 host's kernels)
-#   ONEDNN_MAX_CPU_ISA=AVX512_CORE OMP_NUM_THREADS=1 SB_FINETUNE_CPU_THREADS=1 pytest      (no AMX, one thread)
+#   ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 pytest          (an AVX2 host's kernels)
+#   ONEDNN_MAX_CPU_ISA=AVX512_CORE pytest -n 0                       (no AMX; one process, all cores' threads)
 
 # Tests never touch the network: the hub is offline, and nothing may silently download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +12,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The suite runs in pytest-xdist workers (`-n` in pyproject's addopts): each worker, and each process a test launches,
+# takes its share of the physical cores in threads, as `train.py` gives each of its processes; more threads than cores
+# spin against each other.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    import psutil
+
+    _share = str(max(1, (psutil.cpu_count(logical=False) or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _share)
+    os.environ.setdefault("SB_FINETUNE_CPU_THREADS", _share)
 
 import json  # noqa: E402
 import signal  # noqa: E402
@@ -90,18 +100,42 @@ def check_two_rank_run(out_dir: Path) -> Path:
     return out_dir
 
 
-@pytest.fixture(scope="session")
-def two_ranks(tmp_path_factory):
-    """name → the folder of that TWO_RANK_RUNS run, checked (launched with the first test that asks)."""
+def _serve_jpeg_and_launch(root: Path) -> None:
+    """Every TWO_RANK_RUNS run into `root`, with a jpeg_compressibility reward server up while they train."""
     from sb_finetune.rewards import load_reward
     from sb_finetune.rewards.server import make_server
 
     srv = make_server(load_reward("jpeg_compressibility"), "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     jpeg = f"http://127.0.0.1:{srv.server_address[1]}/score"
-    root = tmp_path_factory.mktemp("two_ranks")
-    launch_two_ranks({root / name: tuple(o.replace("{jpeg}", jpeg) for o in overrides)
-                      for name, overrides in TWO_RANK_RUNS.items()})
-    yield lambda name: check_two_rank_run(root / name)
-    srv.shutdown()
-    srv.server_close()
+    root.mkdir()
+    try:
+        launch_two_ranks({root / name: tuple(o.replace("{jpeg}", jpeg) for o in overrides)
+                          for name, overrides in TWO_RANK_RUNS.items()})
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory):
+    """name → the folder of that TWO_RANK_RUNS run, checked. Launched once a test session, by the first test that
+    asks: pytest-xdist's workers share the session's base folder, and the first to take its lock launches while the
+    others wait for it."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's, above each worker's own
+    root, done, failed = shared / "two_ranks", shared / "two_ranks.done", shared / "two_ranks.failed"
+    with FileLock(str(shared / "two_ranks.lock")):
+        if not done.exists() and not failed.exists():
+            try:
+                _serve_jpeg_and_launch(root)
+            except BaseException as exc:  # pytest.fail raises a BaseException
+                failed.write_text(str(exc))
+                raise
+            done.touch()
+    if failed.exists():
+        pytest.fail(f"the two-process launch failed in another worker: {failed.read_text()}")
+    return lambda name: check_two_rank_run(root / name)
