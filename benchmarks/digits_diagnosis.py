@@ -21,6 +21,7 @@ and the gap split between the samples that end as the target digit and those tha
 Rows, by cause (each against `cosine`: the old default, 80 steps at lr 3e-3, with a cosine decay):
     (a) the chain       n10, n50: N = 10 / 50 sampling steps (default: 20)
     (b) the estimator   full_window (K = N always: the unbiased pathwise gradient), adjoint (Adjoint Matching),
+                        adjoint_now (the same at the default's rate: does the pathwise rate suit it?),
                         adjoint_reuse4 (each batch's adjoints regressed by 4 updates of 5 steps, 120 batches),
                         no_grad_clip, stl (sticking the landing: the default with objective.path_gradient=stl, whose
                         per-path gradient vanishes at the optimum), stl_lr1e-2 (the same at lr 1e-2, 10 warm-up steps),
@@ -105,6 +106,7 @@ ROWS = {  # every row but `before` and `default` changes one thing against `cosi
     "unbiased_window": ("(b) estimator", [*RATE_3E3, "objective.unbiased_window=true"]),
     "unbiased_window_7_alpha0.5": ("(b) estimator", [*RATE_3E3, "objective.unbiased_window=true",
                                                      "reward.kwargs.target=7", "objective.alpha=0.5"]),
+    "adjoint_now": ("(b) estimator, at the default's rate", ["objective.estimator=adjoint"]),
     "unbiased_window_now": ("(b) estimator, at the default's rate", ["objective.unbiased_window=true"]),
     "lowres": ("(c) the control's form: the 8×8 layers and the attention only", [LOW_RES]),
     # does the LoRA stall where the scheduler's clamp of x̂0 holds pixels it cannot move? twice the steps, with and without
