@@ -29,6 +29,8 @@ Rows, by cause (each against `cosine`: the old default, 80 steps at lr 3e-3, wit
                         gradient, at 3e-3), unbiased_window_now (the same at the default's rate)
     (c) capacity        rank64_all: rank 64 on every conv and linear layer (full rank for this UNet: the upper bound);
                         lowres: the default's modules at 8×8 only, no 16×16 convolution adapted (the control's form)
+                        weight_decay0.1, weight_decay1: AdamW's decay at the default's rate (does it hold back the
+                        chance correlations a control of 256 pixels takes for steering?)
     (d) optimisation    before (the old default: constant learning rate), steps240, batch96, batch16_steps160, lr1e-3,
                         lr1e-2 (10 warm-up steps), batch96_lr1e-2, default_lr1e-2 (the default at lr 1e-2, 10 warm-up)
     together            rank64_all_steps240
@@ -108,6 +110,8 @@ ROWS = {  # every row but `before` and `default` changes one thing against `cosi
                                                      "reward.kwargs.target=7", "objective.alpha=0.5"]),
     "adjoint_now": ("(b) estimator, at the default's rate", ["objective.estimator=adjoint"]),
     "unbiased_window_now": ("(b) estimator, at the default's rate", ["objective.unbiased_window=true"]),
+    "weight_decay0.1": ("(c) the control's chance correlations, decayed", ["optim.weight_decay=0.1"]),
+    "weight_decay1": ("(c) the control's chance correlations, decayed", ["optim.weight_decay=1.0"]),
     "lowres": ("(c) the control's form: the 8×8 layers and the attention only", [LOW_RES]),
     # does the LoRA stall where the scheduler's clamp of x̂0 holds pixels it cannot move? twice the steps, with and without
     "default_now_steps360": ("(d) optimisation, at the default's rate", ["optim.steps=360"]),
